@@ -1,0 +1,90 @@
+"""Wiring shared by the job entrypoints: command line -> config, and the Ray connection.
+
+Usage of every job: `python jobs/<job>.py [config.yaml] [key=value ...]`.
+
+With RAY_ADDRESS set (as `ray job submit` does) or `ray.address=...`, a job joins that cluster.
+Without, it starts an embedded local Ray on 127.0.0.1 whose files live in a short temp dir
+(unix socket paths are capped at 107 bytes) and removes it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, TypeVar
+
+from recalign.config import load_config
+
+T = TypeVar("T")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: int = 0  # embedded Ray's logical CPUs; 0 = max(4, cores) so 2 workers + actors fit
+    object_store_mb: int = 1024  # embedded Ray's object store
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    argv = sys.argv[1:] if argv is None else argv
+    path = None
+    if argv and "=" not in argv[0]:
+        path, argv = argv[0], argv[1:]
+    return load_config(cls, path, argv)
+
+
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
+}
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Join the cluster at RAY_ADDRESS / cfg.address, or run an embedded local Ray for the block."""
+    import ray
+
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    tmp = tempfile.mkdtemp(prefix="rcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR", "HOME"]}
+    os.environ.update(LOCAL_ENV)
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ["HOME"] = os.path.join(tmp, "home")
+    os.makedirs(os.environ["HOME"], exist_ok=True)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
+            object_store_memory=cfg.object_store_mb * 1024 * 1024,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=tmp,
+            log_to_driver=True,
+        )
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(tmp, ignore_errors=True)

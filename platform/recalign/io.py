@@ -1,0 +1,128 @@
+"""Run-directory storage on any pyarrow filesystem (local paths, s3://, gs://).
+
+Every write goes to a temporary sibling first and is then moved into place, so a crash never
+leaves a half-written table, JSON or directory behind for a later stage to trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a filesystem URI."""
+    uri = str(uri)
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    base = str(base)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str | Path) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def _tmp_sibling(path: str) -> str:
+    head, _, tail = path.rpartition("/")
+    return f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"
+
+
+def _replace(fs: pafs.FileSystem, tmp: str, path: str) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.isdir(path) and os.path.isdir(tmp):
+            delete(path)
+        os.replace(tmp, path)
+    else:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        fs.move(tmp, path)
+
+
+def write_parquet(table: pa.Table, uri: str | Path) -> None:
+    """Atomically write one Parquet file."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    tmp = _tmp_sibling(path)
+    try:
+        pq.write_table(table, tmp, filesystem=fs)
+        _replace(fs, tmp, path)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
+def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such table; has the stage that writes it run?")
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def write_text(text: str, uri: str | Path) -> None:
+    """Atomically write a text file."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    tmp = _tmp_sibling(path)
+    with fs.open_output_stream(tmp) as out:
+        out.write(text.encode())
+    _replace(fs, tmp, path)
+
+
+def read_text(uri: str | Path) -> str:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as inp:
+        return inp.read().decode()
+
+
+def write_json(obj: Any, uri: str | Path) -> None:
+    write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", uri)
+
+
+def read_json(uri: str | Path) -> Any:
+    return json.loads(read_text(uri))
+
+
+def delete(uri: str | Path) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def local_path(uri: str | Path) -> Path:
+    """The local path of a URI, or an error for remote filesystems (for libraries that need a path)."""
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise ValueError(f"{uri}: this step needs a local path; stage the files locally first")
+    return Path(path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

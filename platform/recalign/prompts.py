@@ -1,0 +1,114 @@
+"""Prompts shared by sampling, preference pairs, alignment and re-ranking.
+
+Two kinds, both rendered with the model's own chat template:
+- `knowledge`: the user's history (titles, years, genres, ratings) and a request to analyse the
+  user's preferences by genre, era, mood and themes (RLRF4Rec / KAR style).
+- `rerank`: the history plus the candidates tagged with letters (A, B, ...); the answer is one
+  letter and its title (LlamaRec / S-DPO style). The first answer token is the letter, so a
+  single forward pass can score every candidate by its letter's logit.
+The wording states the real counts (history and candidates), never a fixed "10 titles".
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+
+LETTERS = string.ascii_uppercase
+
+SYSTEM = "You are an expert movie recommender who reads viewing histories carefully."
+
+
+@dataclass
+class PromptConfig:
+    max_history: int = 20  # most recent items shown in a prompt (<= the protocol's history_len)
+    show_ratings: bool = True
+    show_genres: bool = True
+
+
+def describe_item(items: pd.DataFrame, item_idx: int, show_genres: bool = True) -> str:
+    """'Title (1995), Drama/Thriller' from the items frame indexed by item_idx."""
+    row = items.loc[int(item_idx)]
+    text = str(row["title"])
+    year = row.get("year")
+    if year is not None and not (isinstance(year, float) and math.isnan(year)) and not pd.isna(year):
+        text += f" ({int(year)})"
+    genres = row.get("genres")
+    if show_genres and genres is not None and len(genres):
+        text += ", " + "/".join(str(g) for g in genres)
+    return text
+
+
+def history_lines(items: pd.DataFrame, history: Sequence[int], ratings: Sequence[float] | None,
+                  cfg: PromptConfig) -> list[str]:
+    """One line per watched item, oldest first; padding (0) is skipped."""
+    pairs = [(int(i), None if ratings is None else ratings[k]) for k, i in enumerate(history) if int(i) != 0]
+    pairs = pairs[-cfg.max_history:]
+    lines = []
+    for n, (item, rating) in enumerate(pairs, start=1):
+        line = f"{n}. {describe_item(items, item, cfg.show_genres)}"
+        if cfg.show_ratings and rating is not None and not math.isnan(float(rating)):
+            line += f" - rated {float(rating):g}/5"
+        lines.append(line)
+    return lines
+
+
+def knowledge_messages(items: pd.DataFrame, history: Sequence[int], ratings: Sequence[float] | None,
+                       cfg: PromptConfig) -> list[dict[str, str]]:
+    lines = history_lines(items, history, ratings, cfg)
+    user = (
+        f"Here are the {len(lines)} movies a user watched most recently, oldest first"
+        + (", with the user's ratings" if cfg.show_ratings else "") + ":\n"
+        + "\n".join(lines)
+        + "\n\nAnalyse this user's movie preferences. Describe in one short paragraph the genres, eras, "
+          "moods and themes the user likes and dislikes, so that a recommender can pick their next movie."
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def rerank_messages(items: pd.DataFrame, history: Sequence[int], ratings: Sequence[float] | None,
+                    candidates: Sequence[int], cfg: PromptConfig) -> list[dict[str, str]]:
+    if len(candidates) > len(LETTERS):
+        raise ValueError(f"rerank prompt supports at most {len(LETTERS)} candidates, got {len(candidates)}")
+    lines = history_lines(items, history, ratings, cfg)
+    options = [f"{LETTERS[i]}. {describe_item(items, c, cfg.show_genres)}" for i, c in enumerate(candidates)]
+    user = (
+        f"Here are the {len(lines)} movies a user watched most recently, oldest first"
+        + (", with the user's ratings" if cfg.show_ratings else "") + ":\n"
+        + "\n".join(lines)
+        + f"\n\nHere are {len(candidates)} candidate movies, labelled {LETTERS[0]} to {LETTERS[len(candidates) - 1]}:\n"
+        + "\n".join(options)
+        + "\n\nWhich candidate will the user watch next? Answer with the letter of exactly one candidate, "
+          "then its title."
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def rerank_answer(items: pd.DataFrame, candidates: Sequence[int], position: int) -> str:
+    """The completion naming candidate `position`: 'C. Title (1995)'."""
+    return f"{LETTERS[position]}. {describe_item(items, candidates[position], show_genres=False)}"
+
+
+def render(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat-template text up to and including the assistant header (generation prompt)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def parse_letter(answer: str, num_candidates: int) -> int | None:
+    """The candidate named by a free-form answer, or None when it names none or several.
+
+    Valid answers start with one letter in range, optionally followed by '.', ')' or ':'.
+    """
+    text = answer.strip().lstrip("*(\"' ")
+    if not text:
+        return None
+    first = text[0].upper()
+    if first not in LETTERS[:num_candidates]:
+        return None
+    if len(text) > 1 and text[1].isalnum():
+        return None  # "Apollo 13" is a title, not the letter A
+    return LETTERS.index(first)
