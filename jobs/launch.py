@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
-from recalign.config import load_config
+from recalign.config import ConfigError, load_config
 
 T = TypeVar("T")
 
@@ -27,14 +27,19 @@ class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS if set, else an embedded local Ray
     num_cpus: int = 0  # embedded Ray's logical CPUs; 0 = max(4, cores) so 2 workers + actors fit
     object_store_mb: int = 1024  # embedded Ray's object store
+    dashboard: bool = True  # embedded Ray's dashboard on 127.0.0.1 (Ray's State API, used by Train, needs it)
 
 
 def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    """`[config.yaml] [key=value ...]` -> config; a bad file or key exits with a one-line error."""
     argv = sys.argv[1:] if argv is None else argv
     path = None
     if argv and "=" not in argv[0]:
         path, argv = argv[0], argv[1:]
-    return load_config(cls, path, argv)
+    try:
+        return load_config(cls, path, argv)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
 
 
 LOCAL_ENV = {
@@ -74,7 +79,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             address="local",
             num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
-            include_dashboard=False,
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             _temp_dir=tmp,
             log_to_driver=True,

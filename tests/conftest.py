@@ -15,8 +15,19 @@ def ray_local():
     """An embedded local Ray on 127.0.0.1 for the whole session, files under a temp dir."""
     from launch import RayConfig, ray_session
 
-    with ray_session(RayConfig(num_cpus=4, object_store_mb=512)):
-        yield
+    # Ray workers unpickle test functions by module name: give them the same import path.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.join(repo, p) for p in ("tests", "platform", "jobs")]
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([saved] if saved else []))
+    try:
+        with ray_session(RayConfig(num_cpus=4, object_store_mb=512)):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="session")

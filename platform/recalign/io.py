@@ -77,20 +77,31 @@ def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
-def write_text(text: str, uri: str | Path) -> None:
-    """Atomically write a text file."""
+def write_bytes(data: bytes, uri: str | Path) -> None:
+    """Atomically write a file."""
     fs, path = resolve(uri)
     fs.create_dir(path.rpartition("/")[0], recursive=True)
     tmp = _tmp_sibling(path)
     with fs.open_output_stream(tmp) as out:
-        out.write(text.encode())
+        out.write(data)
     _replace(fs, tmp, path)
 
 
-def read_text(uri: str | Path) -> str:
+def read_bytes(uri: str | Path) -> bytes:
     fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file; has the stage that writes it run?")
     with fs.open_input_stream(path) as inp:
-        return inp.read().decode()
+        return inp.read()
+
+
+def write_text(text: str, uri: str | Path) -> None:
+    """Atomically write a text file."""
+    write_bytes(text.encode(), uri)
+
+
+def read_text(uri: str | Path) -> str:
+    return read_bytes(uri).decode()
 
 
 def write_json(obj: Any, uri: str | Path) -> None:
