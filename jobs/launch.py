@@ -2,9 +2,9 @@
 
 Usage of every job: `python jobs/<job>.py [config.yaml] [key=value ...]`.
 
-With RAY_ADDRESS set (as `ray job submit` does) or `ray.address=...`, a job joins that cluster.
-Without, it starts an embedded local Ray on 127.0.0.1 whose files live in a short temp dir
-(unix socket paths are capped at 107 bytes) and removes it on exit.
+With RAY_ADDRESS set (as `ray job submit` does), a job joins that cluster. Without, it starts an
+embedded local Ray bound to 127.0.0.1 whose files live in a short temp dir (unix socket paths are
+capped at 107 bytes), removed on exit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ T = TypeVar("T")
 
 @dataclass
 class RayConfig:
-    address: str = ""  # empty: RAY_ADDRESS if set, else an embedded local Ray
     num_cpus: int = 0  # embedded Ray's logical CPUs; 0 = max(4, cores) so 2 workers + actors fit
     object_store_mb: int = 1024  # embedded Ray's object store
     dashboard: bool = True  # embedded Ray's dashboard on 127.0.0.1 (Ray's State API, used by Train, needs it)
@@ -42,6 +41,9 @@ def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
         raise SystemExit(f"config error: {err}") from None
 
 
+# Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: "0" makes every Ray process bind
+# to 127.0.0.1. So these are set when this module is imported, before anything imports ray, and
+# only when no cluster address is given (a driver joining a cluster needs a reachable IP).
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
@@ -50,14 +52,17 @@ LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",  # nothing is downloaded at run time
 }
+if not os.environ.get("RAY_ADDRESS"):
+    for _key, _value in LOCAL_ENV.items():
+        os.environ.setdefault(_key, _value)
 
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Join the cluster at RAY_ADDRESS / cfg.address, or run an embedded local Ray for the block."""
+    """Join the cluster at RAY_ADDRESS, or run an embedded local Ray for the block."""
     import ray
 
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    address = os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         yield
         return
@@ -71,6 +76,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     tmp = tempfile.mkdtemp(prefix="rcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR", "HOME"]}
     os.environ.update(LOCAL_ENV)
+    # In case ray was imported before this module set the variable (see LOCAL_ENV).
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["HOME"] = os.path.join(tmp, "home")
     os.makedirs(os.environ["HOME"], exist_ok=True)

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import launch  # noqa: F401  (sets Ray's loopback environment before any test imports ray)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -12,6 +12,7 @@ The wording states the real counts (history and candidates), never a fixed "10 t
 from __future__ import annotations
 
 import math
+import re
 import string
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,10 +31,24 @@ class PromptConfig:
     show_genres: bool = True
 
 
+# MovieLens writes "Usual Suspects, The"; a language model reads "The Usual Suspects" far better.
+_TRAILING_ARTICLE = re.compile(r"^(?P<title>.+?), (?P<article>The|A|An|Les|La|Le|L'|Il|Das|Der|Die|El)"
+                               r"(?P<rest> \(.*\))?$")
+
+
+def display_title(title: str) -> str:
+    match = _TRAILING_ARTICLE.match(title)
+    if not match:
+        return title
+    article = match["article"]
+    joiner = "" if article.endswith("'") else " "
+    return f"{article}{joiner}{match['title']}{match['rest'] or ''}"
+
+
 def describe_item(items: pd.DataFrame, item_idx: int, show_genres: bool = True) -> str:
     """'Title (1995), Drama/Thriller' from the items frame indexed by item_idx."""
     row = items.loc[int(item_idx)]
-    text = str(row["title"])
+    text = display_title(str(row["title"]))
     year = row.get("year")
     if year is not None and not (isinstance(year, float) and math.isnan(year)) and not pd.isna(year):
         text += f" ({int(year)})"

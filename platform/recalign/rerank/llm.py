@@ -1,0 +1,146 @@
+"""The direct LLM re-ranker: score each candidate by its letter's logit at the answer position.
+
+The prompt lists the history and the candidates tagged A, B, ... (recalign.prompts). One forward
+pass gives the next-token logits after the assistant header; candidate i's score is the logit of
+its letter (LlamaRec), so every row gets a complete ranking and every answer is valid. The same
+call also decodes a short greedy answer (free-generation mode), parsed for ValidRatio and
+HR@1 over all rows and over valid rows (PAPERS.md: report all three).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from recalign import prompts
+from recalign.data.dataset import Dataset
+
+
+@dataclass
+class RerankConfig:
+    max_history: int = 10  # history items in the prompt (LLaRA/S-DPO use at most 10)
+    show_genres: bool = False  # genres make prompts ~2x longer
+    show_ratings: bool = True
+    max_new_tokens: int = 8  # free-generation answer length ("C. Title...")
+    batch_size: int = 4  # prompts per forward pass
+    dtype: str = "float32"  # float32 | bfloat16
+    threads: int = 0  # torch threads per scorer actor; 0 = torch's default
+    num_actors: int = 1  # Ray Data scorer actors
+    cpus_per_actor: float = 1.0
+
+    def prompt_config(self) -> prompts.PromptConfig:
+        return prompts.PromptConfig(max_history=self.max_history, show_ratings=self.show_ratings,
+                                    show_genres=self.show_genres)
+
+
+def letter_token_ids(tokenizer, num_candidates: int) -> list[int]:
+    """Token id of each candidate letter as the first answer token; each must be one token."""
+    ids = []
+    for letter in prompts.LETTERS[:num_candidates]:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"tokenizer splits the letter {letter!r} into {len(encoded)} tokens; "
+                             "letter scoring needs single-token letters")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError("tokenizer maps two candidate letters to the same token")
+    return ids
+
+
+def build_prompts(data: Dataset, split: str, rows: np.ndarray, tokenizer, cfg: RerankConfig) -> list[str]:
+    """Chat-rendered re-rank prompts for the given rows of a split."""
+    arrays = data.split(split)
+    pcfg = cfg.prompt_config()
+    return [prompts.render(tokenizer, prompts.rerank_messages(
+        data.items, arrays.history[r], arrays.history_ratings[r], arrays.candidates[r], pcfg)) for r in rows]
+
+
+def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer): the base causal LM, with a LoRA adapter merged in when given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+class LetterScorer:
+    """Ray Data stage: {"row", "prompt"} batch -> adds "letter_logits" (C,) and "answer".
+
+    `loader` returns (model, tokenizer); it is injected so tests pass a tiny model.
+    """
+
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], num_candidates: int, cfg: RerankConfig):
+        import torch
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model, self.tokenizer = loader()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.letter_ids = letter_token_ids(self.tokenizer, num_candidates)
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        logits, answers = [], []
+        texts = list(batch["prompt"])
+        for start in range(0, len(texts), self.cfg.batch_size):
+            chunk_logits, chunk_answers = self._score(texts[start:start + self.cfg.batch_size])
+            logits.append(chunk_logits)
+            answers.extend(chunk_answers)
+        return {**batch, "letter_logits": np.concatenate(logits).astype(np.float32),
+                "answer": np.array(answers, dtype=object)}
+
+    def _score(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        import torch
+
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        first = out.logits[0].float()  # (B, vocab): raw logits at the answer position
+        letter_logits = first[:, self.letter_ids].numpy()
+        new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+        answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return letter_logits, answers
+
+
+def free_generation_metrics(answers: list[str], target_index: np.ndarray, num_candidates: int) -> dict[str, float]:
+    """ValidRatio and HR@1 over all rows and over valid rows (LLaRA divides by valid rows only)."""
+    parsed = [prompts.parse_letter(a, num_candidates) for a in answers]
+    valid = np.array([p is not None for p in parsed])
+    hit = np.array([p is not None and p == t for p, t in zip(parsed, target_index)])
+    return {"valid_ratio": float(valid.mean()) if len(valid) else 0.0,
+            "hr@1_all_rows": float(hit.mean()) if len(hit) else 0.0,
+            "hr@1_valid_rows": float(hit[valid].mean()) if valid.any() else 0.0}
+
+
+def score_rows_with_ray(prompts_by_row: dict[int, str], loader: Callable[[], tuple[Any, Any]],
+                        num_candidates: int, cfg: RerankConfig) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Run LetterScorer over the prompts on Ray Data actors; returns logits and answers by row."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    rows = sorted(prompts_by_row)
+    ds = ray.data.from_items([{"row": r, "prompt": prompts_by_row[r]} for r in rows])
+    scored = ds.map_batches(
+        LetterScorer, fn_constructor_kwargs={"loader": loader, "num_candidates": num_candidates, "cfg": cfg},
+        batch_size=max(cfg.batch_size, 1) * 4, compute=ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.cpus_per_actor, batch_format="numpy")
+    logits, answers = {}, {}
+    for record in scored.iter_rows():
+        logits[int(record["row"])] = np.asarray(record["letter_logits"], dtype=np.float32)
+        answers[int(record["row"])] = str(record["answer"])
+    missing = set(rows) - set(logits)
+    if missing:
+        raise RuntimeError(f"LLM re-ranker returned no scores for {len(missing)} rows")
+    return logits, answers

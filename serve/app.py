@@ -1,0 +1,83 @@
+"""Ray Serve app: the aligned LLM re-ranker over HTTP (POST JSON, see recalign.rerank.service).
+
+    serve run serve.app:app_builder run_dir=runs/demo adapter=runs/demo/policy/rerank/sdpo/adapter
+    python serve/app.py run.name=demo adapter=policy/rerank/sdpo/adapter     # embedded Ray, 127.0.0.1:8000
+
+Requests are batched with @serve.batch, so concurrent callers share one forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from recalign.data.dataset import Dataset
+from recalign.llm.convert import resolve_model
+from recalign.rerank.llm import RerankConfig, load_policy
+from recalign.rerank.service import RequestError, RerankService
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+class Reranker:
+    def __init__(self, data_dir: str, model_path: str, adapter: str | None, cfg: dict, loader=None):
+        rerank_cfg = RerankConfig(**cfg)
+        loader = loader or functools.partial(load_policy, model_path, adapter, rerank_cfg.dtype)
+        name = os.path.basename(model_path.rstrip("/")) + (f"+{adapter}" if adapter else "")
+        self.service = RerankService(Dataset(data_dir).items, loader, rerank_cfg, model_name=name)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _rerank(self, requests: list) -> list[dict]:
+        return self.service.rerank(requests)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            parsed = self.service.parse(await request.json())
+        except (RequestError, ValueError) as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        return JSONResponse(await self._rerank(parsed))
+
+
+@dataclass
+class ServeJob:
+    run_dir: str = "runs/demo"  # run whose data/ (item titles) the service reads
+    model: str = "smollm2"  # base model: "smollm2" (converted default) or a local HF folder
+    models_dir: str = "models"  # where converted models live
+    adapter: str = ""  # LoRA adapter folder (absolute, or relative to run_dir); empty = base model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+
+def build(cfg: ServeJob, loader=None):
+    adapter = cfg.adapter
+    if adapter and not os.path.isabs(adapter) and not os.path.exists(adapter):
+        adapter = os.path.join(cfg.run_dir, adapter)
+    model_path = str(resolve_model(cfg.model, cfg.models_dir))
+    return Reranker.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank), loader)
+
+
+def app_builder(args: dict[str, str]):
+    """`serve run serve.app:app_builder key=value ...` entry."""
+    from recalign.config import load_config
+
+    return build(load_config(ServeJob, None, [f"{k}={v}" for k, v in args.items()]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    from launch import RayConfig, parse_args, ray_session
+
+    cfg = parse_args(ServeJob, argv)
+    with ray_session(RayConfig()):
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build(cfg), name="recalign", route_prefix="/rerank", blocking=True)
+
+
+if __name__ == "__main__":
+    main()
