@@ -1,0 +1,68 @@
+"""Ray Tune sweep of the alignment stage (beta x negatives x loss type, grid or random, ASHA).
+
+    python jobs/sweep.py [jobs/configs/sweep.yaml] [run.name=demo sweep.search=random sweep.num_samples=8 ...]
+
+Needs the run's data/ and pairs/rerank.parquet (the pipeline's earlier stages). Re-running the same
+command continues an interrupted sweep (Tuner.restore). Writes runs/<name>/sweep/: results.md,
+results.csv, sweep.png and best.json, which the pipeline reads with `align_from_sweep=true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from launch import RayConfig, parse_args, ray_session
+
+from recalign import io
+from recalign.align.trainer import AlignConfig
+from recalign.config import fingerprint, to_dict
+from recalign.data.dataset import Dataset
+from recalign.llm.convert import resolve_model
+from recalign.rerank.llm import RerankConfig, build_prompts, load_policy
+from recalign.runs import RunSpec
+from recalign.sweep import SweepConfig, TrialSpec, results_frame, run_sweep, validation_rows, write_results
+
+
+@dataclass
+class SweepJob:
+    run: RunSpec = field(default_factory=RunSpec)  # run whose data/ and pairs/ are used; results in <run>/sweep/
+    ray: RayConfig = field(default_factory=RayConfig)  # embedded Ray settings (RAY_ADDRESS joins a cluster)
+    model: str = "smollm2"  # base LLM: "smollm2" (converted default) or a local HF folder
+    models_dir: str = "models"  # where converted models live
+    pairs: str = "rerank"  # pairs/<pairs>.parquet the trials train on
+    align: AlignConfig = field(default_factory=AlignConfig)  # base alignment config (searched fields overridden)
+    rerank: RerankConfig = field(default_factory=RerankConfig)  # validation re-ranker prompts and scoring
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # search space, ASHA, validation users
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(SweepJob, argv)
+    model_path = resolve_model(cfg.model, cfg.models_dir)
+    pairs_uri = cfg.run.dir("pairs", f"{cfg.pairs}.parquet")
+    if not io.exists(pairs_uri):
+        raise SystemExit(f"{pairs_uri}: missing; run the pipeline's pairs stage first")
+    data = Dataset(cfg.run.dir("data"))
+    valid = data.split("valid")
+    rows = validation_rows(len(valid), cfg.sweep.valid_users, cfg.sweep.seed)
+    _, tokenizer = load_policy(model_path)
+    spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri],
+                     prompts=build_prompts(data, "valid", rows, tokenizer, cfg.rerank),
+                     target_index=valid.target_index[rows], num_candidates=valid.candidates.shape[1],
+                     rerank=cfg.rerank, rungs=cfg.sweep.rungs, out_root=cfg.run.dir("sweep", "trials"),
+                     storage_path=cfg.run.dir("ray"))
+    name = "sweep-" + fingerprint({"sweep": to_dict(cfg.sweep), "align": to_dict(cfg.align),
+                                   "rerank": to_dict(cfg.rerank), "model": model_path,
+                                   "pairs": hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest()})
+    print(f"sweep {name}: {len(rows)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
+    with ray_session(cfg.ray):
+        results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name)
+    out = write_results(results_frame(results), cfg.align, cfg.run.dir("sweep"))
+    print(out["table"])
+    print(f"best: {out['best']['align']['loss_type']} beta={out['best']['align']['beta']:.3g} "
+          f"K={out['best']['align']['num_negatives']} ({out['best']['metric']} {out['best']['value']:.4f})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
