@@ -62,9 +62,9 @@ def sasrec_scores(run: RunSpec, split: SplitArrays) -> np.ndarray:
     return score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
 
 
-def write_report(result: dict, eval_dir: str, title: str) -> str:
-    """eval/metrics.json and eval/metrics.md (atomic); returns the markdown."""
-    table = markdown_table(result)
+def write_report(result: dict, eval_dir: str, title: str, extra: str = "") -> str:
+    """eval/metrics.json and eval/metrics.md (atomic); returns the markdown (table + `extra`)."""
+    table = markdown_table(result) + extra
     io.write_json(result, io.join(eval_dir, "metrics.json"))
     io.write_text(f"# {title}\n\n{table}", io.join(eval_dir, "metrics.md"))
     return table

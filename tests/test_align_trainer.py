@@ -1,0 +1,122 @@
+"""The alignment trainer's pieces without a cluster: pairs I/O, the data plan, one optimizer step."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from align_fixtures import TEST_PROMPTS, write_pairs
+from recalign import io
+from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
+from recalign.align.logprobs import PolicyScorer
+from recalign.align.pairs import PAIRS_SCHEMA, heuristic_pairs, load_pairs
+from recalign.align.trainer import AlignConfig
+
+SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
+             target_modules=["q_proj", "v_proj", "up_proj"], lr=1e-2, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def pairs_uris(ml100k_dir, tiny_llama_dir, tmp_path_factory):
+    return write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=6)
+
+
+def test_heuristic_pairs_follow_the_schema(ml100k_dir, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for path in ("knowledge", "rerank"):
+        table = heuristic_pairs(ml100k_dir, tokenizer, path, num_negatives=3, num_users=5, prompt_cfg=TEST_PROMPTS)
+        assert table.schema.equals(PAIRS_SCHEMA) and table.num_rows == 5
+        rows = table.to_pylist()
+        assert {r["path"] for r in rows} == {path}
+        assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+        assert all(len(r["rejected"]) == 3 and r["chosen"] not in r["rejected"] for r in rows)
+        assert len({r["user_idx"] for r in rows}) == 5
+
+
+def test_load_pairs_keeps_the_first_k_and_names_bad_rows(pairs_uris, tmp_path):
+    examples = load_pairs(pairs_uris, num_negatives=2)
+    assert len(examples) == 12 and {e.path for e in examples} == {"knowledge", "rerank"}
+    full = io.read_parquet(pairs_uris[0]).to_pylist()
+    assert examples[0].rejected == full[0]["rejected"][:2], "most-rejected first: the first K are kept"
+    with pytest.raises(ValueError, match=r"knowledge.parquet: row 0 \(user_idx \d+\): 3 rejected"):
+        load_pairs(pairs_uris, num_negatives=4)
+    bad = tmp_path / "bad.parquet"
+    io.write_parquet(pa.table({"user_idx": pa.array([7], pa.int32()), "path": ["rerank"], "prompt": [""],
+                               "chosen": ["A"], "rejected": [["B"]]}), str(bad))
+    with pytest.raises(ValueError, match=r"bad.parquet: row 0 \(user_idx 7\): prompt is empty"):
+        load_pairs([str(bad)], 1)
+    with pytest.raises(ValueError, match="missing column"):
+        io.write_parquet(pa.table({"prompt": ["x"]}), str(bad))
+        load_pairs([str(bad)], 1)
+
+
+def test_plan_shards_are_disjoint_deterministic_and_resumable():
+    cfg = AlignConfig(batch_size=2, grad_accum=2, epochs=2, sft_epochs=1)
+    plan = Plan.build(num_examples=20, cfg=cfg, world=2)
+    assert (plan.steps_per_epoch, plan.sft_steps, plan.preference_steps, plan.total_steps) == (2, 2, 4, 6)
+    for step in range(plan.total_steps):
+        rank0 = plan.micro_batches(step, 0, 2, 2, seed=0)
+        rank1 = plan.micro_batches(step, 1, 2, 2, seed=0)
+        assert [len(m) for m in rank0] == [2, 2]
+        assert not set(np.concatenate(rank0)) & set(np.concatenate(rank1)), "workers see different examples"
+        again = Plan.build(20, cfg, 2).micro_batches(step, 0, 2, 2, seed=0)
+        assert all((a == b).all() for a, b in zip(rank0, again)), "a restarted worker replays the same order"
+    epoch0 = np.concatenate([np.concatenate(plan.micro_batches(s, r, 2, 2, 0)) for s in (2, 3) for r in (0, 1)])
+    assert len(set(epoch0)) == 16, "one epoch visits distinct examples"
+    assert Plan.build(3, cfg, 2).micro_batches(0, 1, 2, 2, 0)[0].size == 2, "fewer examples than a batch cycle"
+
+
+def test_plan_learning_rate_warms_up_in_each_phase():
+    cfg = AlignConfig(batch_size=1, max_steps=3, sft_max_steps=2, lr=1e-4, sft_lr=2e-4, warmup_steps=2)
+    plan = Plan.build(num_examples=8, cfg=cfg, world=1)
+    assert [plan.phase(s) for s in range(5)] == ["sft", "sft", "preference", "preference", "preference"]
+    assert [plan.learning_rate(s, cfg) for s in range(5)] == pytest.approx([1e-4, 2e-4, 5e-5, 1e-4, 1e-4])
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "dmpo", "sdpo"])
+def test_train_step_changes_every_lora_weight_and_no_frozen_weight(loss_type, pairs_uris, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    cfg = AlignConfig(loss_type=loss_type, num_negatives=3, batch_size=2, grad_accum=2, **SMALL)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples = encode_pairs(tokenizer, load_pairs(pairs_uris, cfg.num_negatives), cfg)
+    model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    scorer = PolicyScorer(model)
+    plan = Plan.build(len(examples), cfg, world=1)
+    # SFT warm-up step first (chosen only), then two preference steps against the warmed-up reference
+    sums = train_step(scorer, model, optimizer, examples, plan.micro_batches(0, 0, 1, 2, 0), cfg,
+                      tokenizer.pad_token_id, torch.device("cpu"), "sft", None, trainable)
+    assert sums["examples"] == 4 and sums["loss_sum"] > 0
+    reference = precompute_reference(model, examples, cfg, tokenizer.pad_token_id, 0, 1, torch.device("cpu"),
+                                     adapter=True)
+    assert reference.shape == (len(examples), 4) and (reference < 0).all()
+    for step in (1, 2):
+        sums = train_step(scorer, model, optimizer, examples, plan.micro_batches(step, 0, 1, 2, 0), cfg,
+                          tokenizer.pad_token_id, torch.device("cpu"), "preference", reference, trainable)
+        assert sums["examples"] == 4 and 0.0 <= sums["accuracy_sum"] <= 4.0
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"
+
+
+def test_on_the_fly_reference_with_naive_path(pairs_uris, tiny_llama_dir):
+    """No precomputed reference: the base model (adapter disabled) scores every step, via K+1 full sequences."""
+    from transformers import AutoTokenizer
+
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=2, batch_size=3, prompt_sharing="none", **SMALL)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
+    model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    first = train_step(PolicyScorer(model, "none"), model, optimizer, examples, [np.arange(3)], cfg,
+                       tokenizer.pad_token_id, torch.device("cpu"), "preference", None, trainable)
+    # A fresh LoRA (B = 0) is the base model: every reward is 0 and the S-DPO loss is log(1 + K).
+    assert first["loss_sum"] / 3 == pytest.approx(np.log(3), abs=1e-5)
+    assert first["chosen_sum"] == pytest.approx(0.0, abs=1e-6)
