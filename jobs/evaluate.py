@@ -1,28 +1,39 @@
-"""Evaluate the run's systems on the protocol's test split; writes runs/<name>/eval/metrics.{json,md}.
+"""Evaluate every system a run has on the protocol's test split; writes runs/<name>/eval/.
 
-    python jobs/evaluate.py [jobs/configs/evaluate.yaml] [run.name=demo eval.split=test ...]
+    python jobs/evaluate.py [jobs/configs/evaluate.yaml] [run.name=demo eval.llm_users=100 ...]
+
+Baselines always; KA-SASRec once reward_model/ exists (fed the greedy analyses of the base LLM and of
+each knowledge-path policy); the LLM re-ranker zero-shot and with each re-rank policy found under
+policy/rerank/. Per-system results are cached, so a re-run scores only what is new.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch import parse_args
+from launch import RayConfig, parse_args, ray_session
 
-from recalign.baselines import evaluate_baselines_stage
-from recalign.evaluation import EvalConfig
+from recalign.final_eval import FinalEvalConfig, evaluate_stage
 from recalign.runs import RunSpec
+from recalign.sampling.engines import EngineConfig
 
 
 @dataclass
 class EvaluateJob:
     run: RunSpec = field(default_factory=RunSpec)  # the run whose artifacts are evaluated
-    eval: EvalConfig = field(default_factory=EvalConfig)  # split, metrics, bootstrap
+    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
+    model: str = "smollm2"  # the run's base LLM: "smollm2", "tiny" or a local HF folder
+    models_dir: str = "models"  # where named models are converted or built
+    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)  # split, subsets, metrics, re-ranker prompts
+    engine: EngineConfig = field(default_factory=EngineConfig)  # engine of the greedy analyses for KA-SASRec
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from recalign.llm import resolve_model
+
     cfg = parse_args(EvaluateJob, argv)
-    summary = evaluate_baselines_stage(cfg.run, cfg.eval)
+    with ray_session(cfg.ray):
+        summary = evaluate_stage(cfg.run, cfg.eval, resolve_model(cfg.model, cfg.models_dir), cfg.engine)
     print(summary["table"])
     return summary
 

@@ -74,8 +74,13 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             ray.shutdown()
         return
     tmp = tempfile.mkdtemp(prefix="rcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR", "HOME"]}
+    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR", "HOME", "RAY_API_SERVER_ADDRESS"]}
     os.environ.update(LOCAL_ENV)
+    dashboard_port = _free_port()
+    if cfg.dashboard:
+        # Ray Train's controller queries the State API with no address; with a second Ray on this machine it
+        # cannot tell which is ours and fails. Workers inherit this variable, which the State API reads first.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     # In case ray was imported before this module set the variable (see LOCAL_ENV).
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["RAY_TMPDIR"] = tmp
@@ -88,6 +93,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
             include_dashboard=cfg.dashboard,
             dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
             _node_ip_address="127.0.0.1",
             _temp_dir=tmp,
             log_to_driver=True,
@@ -101,3 +107,11 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             else:
                 os.environ[key] = value
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,39 +1,72 @@
 """The whole recalign pipeline as one Ray job, every stage in order, in one run dir.
 
-    python jobs/pipeline.py preset=demo [key=value ...]
+    python jobs/pipeline.py preset=demo [key=value ...]          # smoke | demo | full
     python jobs/pipeline.py jobs/configs/pipeline/demo.yaml [key=value ...]
 
+Stages (runs/<name>/...):
+    data          canonical dataset and protocol                         data/
+    sasrec        SASRec baseline under Ray Train                        baselines/sasrec/
+    sample        N preference analyses per user (Ray Data + vLLM)       samples/
+    embeddings    all-MiniLM-L6-v2 embeddings of the analyses            embeddings/
+    reward_model  KA-SASRec (+ plain control) under Ray Train            reward_model/
+    rewards       every analysis scored on the user's train target       rewards/
+    pairs         knowledge and re-rank preference pairs                 pairs/
+    align         LoRA policies: SFT, DPO, DMPO, S-DPO per path          policy/<path>/<label>/
+    evaluate      every system on the test split, CIs vs SASRec, plots   eval/
+
 A stage is skipped when its output exists for the same config (and inputs), so re-running after a
-crash continues where it stopped. `force=[sasrec]` reruns named stages.
+crash continues where it stopped. `force=[sasrec]` reruns named stages. `model` names the LLM for
+every stage; the re-rank pairs are rendered with `eval.rerank`'s prompt settings, so the policies
+are trained on the prompts they are evaluated on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.baselines import evaluate_baselines_stage, prepare_stage, sasrec_stage
+from recalign.align.policies import PoliciesConfig, policies_stage
+from recalign.baselines import prepare_stage, sasrec_stage
 from recalign.data.dataset import DataConfig
-from recalign.evaluation import EvalConfig
+from recalign.final_eval import FinalEvalConfig, evaluate_stage
+from recalign.models.ka_sasrec import KAConfig
 from recalign.models.sasrec import SASRecConfig
+from recalign.pairs import PairsConfig
+from recalign.reward.encoder import EncoderConfig
+from recalign.reward.rewards import RewardConfig
+from recalign.reward.stages import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
+from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
+from recalign.sampling import SampleConfig
+from recalign.sampling.pipeline import sample_stage
 from recalign.train.seqrec import SeqTrainConfig
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
-STAGES = ("data", "sasrec", "evaluate")
+STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")
 
 
 @dataclass
 class PipelineJob:
     run: RunSpec = field(default_factory=RunSpec)  # run dir: <root>/<name>
     ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
+    model: str = "smollm2"  # the LLM of every stage: "smollm2", "tiny" (smoke runs) or a local HF folder
+    models_dir: str = "models"  # where named models are converted or built
     data: DataConfig = field(default_factory=DataConfig)  # dataset and protocol
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)  # SASRec architecture
-    sasrec_train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # SASRec training under Ray Train
-    eval: EvalConfig = field(default_factory=EvalConfig)  # final evaluation
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)  # SASRec architecture (baseline and KA-SASRec)
+    sasrec_train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # SASRec baseline training
+    sample: SampleConfig = field(default_factory=SampleConfig)  # N analyses per user; its model is `model`
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # text encoder of the analyses
+    ka: KAConfig = field(default_factory=KAConfig)  # knowledge adaptor of the reward model
+    ka_train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # reward model training
+    compare: CompareConfig = field(default_factory=CompareConfig)  # KA-SASRec vs SASRec on validation
+    reward: RewardConfig = field(default_factory=RewardConfig)  # reward = NDCG@10 + tie-break
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # K negatives, margin, hard/random negatives
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)  # which policies, LoRA and training
+    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)  # test-split evaluation of every system
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to run, in pipeline order
     force: list[str] = field(default_factory=list)  # stages to rerun even if up to date
 
@@ -49,26 +82,56 @@ def parse(argv: list[str] | None) -> PipelineJob:
         if not os.path.isfile(path):
             raise SystemExit(f"config error: unknown preset {name!r}; have {sorted(p[:-5] for p in os.listdir(PRESETS))}")
         argv = [path] + [a for a in argv if not a.startswith("preset=")]
-    return parse_args(PipelineJob, argv)
+    cfg = parse_args(PipelineJob, argv)
+    unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"config error: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    # One LLM everywhere, and re-rank pairs rendered exactly as the evaluated re-ranker renders its prompts.
+    cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
+    cfg.pairs = dataclasses.replace(cfg.pairs, model=cfg.model, models_dir=cfg.models_dir,
+                                    prompt=cfg.eval.rerank.prompt_config())
+    return cfg
+
+
+def run_stages(cfg: PipelineJob, log) -> dict:
+    from recalign.llm import resolve_model
+
+    run, todo, force = cfg.run, cfg.stages, set(cfg.force)
+    out: dict = {}
+    if "data" in todo:
+        out["data"] = prepare_stage(run, cfg.data, log, "data" in force)
+    if "sasrec" in todo:
+        out["sasrec"] = sasrec_stage(run, cfg.data, cfg.sasrec, cfg.sasrec_train, log, "sasrec" in force)
+    if "sample" in todo:
+        out["sample"] = sample_stage(run, cfg.sample, log, "sample" in force)
+    if "embeddings" in todo:
+        out["embeddings"] = embeddings_stage(run, cfg.encoder, log, "embeddings" in force)
+    if "reward_model" in todo:
+        out["reward_model"] = reward_model_stage(run, cfg.sasrec, cfg.ka, cfg.ka_train, cfg.compare, log,
+                                                 "reward_model" in force)
+    if "rewards" in todo:
+        out["rewards"] = rewards_stage(run, cfg.reward, log, "rewards" in force)
+    if "pairs" in todo:
+        out["pairs"] = pairs_stage(run, cfg.pairs, log, "pairs" in force)
+    model_path = resolve_model(cfg.model, cfg.models_dir) if {"align", "evaluate"} & set(todo) else ""
+    if "align" in todo:
+        out["align"] = policies_stage(run, cfg.policies, model_path, log, "align" in force)
+    if "evaluate" in todo:
+        out["evaluate"] = evaluate_stage(run, cfg.eval, model_path, cfg.sample.engine, log)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv)
-    unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
-    if unknown:
-        raise SystemExit(f"config error: unknown stage(s) {unknown}; stages are {list(STAGES)}")
     start = time.time()
-    print(f"recalign pipeline: run dir {cfg.run.dir()}, stages {cfg.stages}", flush=True)
-    summaries: dict = {}
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
+
+    log(f"recalign pipeline: run dir {cfg.run.dir()}, model {cfg.model}, stages {cfg.stages}")
     with ray_session(cfg.ray):
-        if "data" in cfg.stages:
-            summaries["data"] = prepare_stage(cfg.run, cfg.data)
-        if "sasrec" in cfg.stages:
-            summaries["sasrec"] = sasrec_stage(cfg.run, cfg.data, cfg.sasrec, cfg.sasrec_train,
-                                               force="sasrec" in cfg.force)
-        if "evaluate" in cfg.stages:
-            summaries["evaluate"] = evaluate_baselines_stage(cfg.run, cfg.eval, force="evaluate" in cfg.force)
-    print(f"\nresults ({cfg.run.dir('eval', 'metrics.md')}):\n")
+        summaries = run_stages(cfg, log)
+    print(f"\nresults ({cfg.run.dir('eval', 'metrics.md')}, plots in {cfg.run.dir('eval', 'metrics.png')}):\n")
     print(summaries.get("evaluate", {}).get("table", "(evaluate stage not run)"))
     print(f"pipeline finished in {time.time() - start:.0f}s")
     return summaries

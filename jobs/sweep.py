@@ -19,7 +19,7 @@ from recalign.align.trainer import AlignConfig
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
-from recalign.rerank.llm import RerankConfig, build_prompts, load_policy
+from recalign.rerank.llm import RerankConfig, build_prompts
 from recalign.runs import RunSpec
 from recalign.sweep import SweepConfig, TrialSpec, results_frame, run_sweep, validation_rows, write_results
 
@@ -31,12 +31,17 @@ class SweepJob:
     model: str = "smollm2"  # base LLM: "smollm2" (converted default) or a local HF folder
     models_dir: str = "models"  # where converted models live
     pairs: str = "rerank"  # pairs/<pairs>.parquet the trials train on
+    # Adapter every trial starts from (and whose log-probs are the reference), relative to the run dir:
+    # policy/rerank/sft searches what the pipeline's SFT+<loss> policies do. "" = a fresh LoRA on the base model.
+    init_adapter: str = ""
     align: AlignConfig = field(default_factory=AlignConfig)  # base alignment config (searched fields overridden)
     rerank: RerankConfig = field(default_factory=RerankConfig)  # validation re-ranker prompts and scoring
     sweep: SweepConfig = field(default_factory=SweepConfig)  # search space, ASHA, validation users
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from transformers import AutoTokenizer
+
     cfg = parse_args(SweepJob, argv)
     model_path = resolve_model(cfg.model, cfg.models_dir)
     pairs_uri = cfg.run.dir("pairs", f"{cfg.pairs}.parquet")
@@ -45,13 +50,18 @@ def main(argv: list[str] | None = None) -> dict:
     data = Dataset(cfg.run.dir("data"))
     valid = data.split("valid")
     rows = validation_rows(len(valid), cfg.sweep.valid_users, cfg.sweep.seed)
-    _, tokenizer = load_policy(model_path)
+    init_adapter = cfg.run.dir(*cfg.init_adapter.split("/")) if cfg.init_adapter else ""
+    if init_adapter and not io.exists(io.join(init_adapter, "adapter_model.safetensors")):
+        raise SystemExit(f"{init_adapter}: no adapter; run the pipeline's align stage first or set init_adapter=''")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the prompts need no weights
     spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri],
                      prompts=build_prompts(data, "valid", rows, tokenizer, cfg.rerank),
                      target_index=valid.target_index[rows], num_candidates=valid.candidates.shape[1],
                      rerank=cfg.rerank, rungs=cfg.sweep.rungs, out_root=cfg.run.dir("sweep", "trials"),
-                     storage_path=cfg.run.dir("ray"))
-    name = "sweep-" + fingerprint({"sweep": to_dict(cfg.sweep), "align": to_dict(cfg.align),
+                     storage_path=cfg.run.dir("ray"), init_adapter=init_adapter)
+    init_hash = hashlib.sha256(io.read_bytes(io.join(init_adapter, "adapter_model.safetensors"))).hexdigest() \
+        if init_adapter else ""
+    name = "sweep-" + fingerprint({"sweep": to_dict(cfg.sweep), "align": to_dict(cfg.align), "init": init_hash,
                                    "rerank": to_dict(cfg.rerank), "model": model_path,
                                    "pairs": hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest()})
     print(f"sweep {name}: {len(rows)} validation users, results in {cfg.run.dir('sweep')}", flush=True)

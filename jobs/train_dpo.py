@@ -36,7 +36,8 @@ class SyntheticPairsConfig:
 class TrainDPOJob:
     run: RunSpec = field(default_factory=RunSpec)  # where the run's artifacts live
     ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    model_path: str = "models/smollm2-135m-instruct"  # Hugging Face folder of the base LLM
+    model: str = "smollm2"  # base LLM: "smollm2" (converted once), "tiny" or a local Hugging Face folder
+    models_dir: str = "models"  # where named models are converted or built
     paths: list[str] = field(default_factory=lambda: list(PATHS))  # pairs/<path>.parquet trained on, together
     pairs_dir: str = ""  # folder of the pairs files; empty = <run>/pairs
     loss_types: list[str] = field(default_factory=list)  # one policy per loss type; empty = [align.loss_type]
@@ -55,13 +56,13 @@ def pairs_uris(cfg: TrainDPOJob) -> list[str]:
     return [io.join(pairs_dir, f"{path}.parquet") for path in cfg.paths]
 
 
-def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str]) -> None:
+def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str], model_path: str) -> None:
     from transformers import AutoTokenizer
 
     from recalign.baselines import prepare_stage
 
     prepare_stage(cfg.run, cfg.data)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     for path, uri in zip(cfg.paths, uris):
         if io.exists(uri):
             continue
@@ -76,9 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     loss_types = cfg.loss_types or [cfg.align.loss_type]
     if set(loss_types) - set(LOSS_TYPES):
         raise SystemExit(f"config error: loss_types must be among {list(LOSS_TYPES)}, got {loss_types}")
+    from recalign.llm import resolve_model
+
     uris = pairs_uris(cfg)
+    model_path = resolve_model(cfg.model, cfg.models_dir)
     if cfg.synthetic_pairs.enabled:
-        write_synthetic_pairs(cfg, uris)
+        write_synthetic_pairs(cfg, uris, model_path)
     missing = [u for u in uris if not io.exists(u)]
     if missing:
         raise SystemExit(f"pairs missing: {missing}; run the reward stage, or set synthetic_pairs.enabled=true")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(cfg.ray):
         for loss_type in loss_types:
             align = dataclasses.replace(cfg.align, loss_type=loss_type)
-            summaries[loss_type] = policy_stage(cfg.run, align, cfg.model_path, uris, force=cfg.force)
+            summaries[loss_type] = policy_stage(cfg.run, align, model_path, uris, force=cfg.force)
     print("\n| loss | K | steps | loss (last) | reward acc | margin | tokens/s |\n|---|---|---|---|---|---|---|")
     for loss_type, s in summaries.items():
         f = s["final"]

@@ -1,7 +1,7 @@
 """Ray Serve app: the aligned LLM re-ranker over HTTP (POST JSON, see recalign.rerank.service).
 
-    serve run serve.app:app_builder run_dir=runs/demo adapter=runs/demo/policy/rerank/sdpo/adapter
-    python serve/app.py run.name=demo adapter=policy/rerank/sdpo/adapter     # embedded Ray, 127.0.0.1:8000
+    serve run serve.app:app_builder run_dir=runs/demo adapter=policy/rerank/sft+sdpo
+    python serve/app.py run_dir=runs/demo adapter=policy/rerank/sft+sdpo     # embedded Ray, 127.0.0.1:8000
 
 Requests are batched with @serve.batch, so concurrent callers share one forward pass.
 """

@@ -13,7 +13,7 @@ TEST_PROMPTS = PromptConfig(max_history=3, show_genres=False)
 
 def write_pairs(data_dir: str, model_dir: str, out_dir: str, num_users: int = 12, num_negatives: int = 3,
                 paths: tuple[str, ...] = ("knowledge", "rerank")) -> list[str]:
-    """pairs/<path>.parquet files (CONVENTIONS schema) under out_dir; returns their paths."""
+    """pairs/<path>.parquet files (recalign.pairs.PAIRS_SCHEMA) under out_dir; returns their paths."""
     from transformers import AutoTokenizer
 
     from recalign.align.pairs import heuristic_pairs

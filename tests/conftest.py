@@ -35,7 +35,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random Llama + tokenizer saved as a Hugging Face folder."""
-    from tiny import save_tiny_llama
+    from recalign.llm.tiny import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 

@@ -149,7 +149,7 @@ def test_job_trains_on_both_paths(ray_local, tiny_llama_dir, tmp_path):
     """jobs/train_dpo.py end to end on the embedded Ray: synthetic pairs for both paths, 2 workers, DMPO."""
     import train_dpo
 
-    run = [f"run.root={tmp_path}", "run.name=t", f"model_path={tiny_llama_dir}", "loss_types=[dmpo]",
+    run = [f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dmpo]",
            "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=6", "synthetic_pairs.num_negatives=3",
            "prompt.max_history=3", "align.num_negatives=2", "align.max_steps=2", "align.precompute_reference=true",
            "align.lora_r=4", "align.lora_alpha=8", "align.max_prompt_tokens=96", "align.max_completion_tokens=32",
@@ -173,7 +173,7 @@ def test_job_trains_every_loss_type_with_sft_warmup(ray_local, tiny_llama_dir, t
     import train_dpo
 
     summaries = train_dpo.main([
-        f"run.root={tmp_path}", "run.name=t", f"model_path={tiny_llama_dir}", "loss_types=[dpo,dmpo,sdpo]",
+        f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dpo,dmpo,sdpo]",
         "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=8", "synthetic_pairs.num_negatives=3",
         "prompt.max_history=3", "align.num_negatives=3", "align.max_steps=3", "align.sft_max_steps=2",
         f"align.prompt_sharing={prompt_sharing}", "align.lora_r=4", "align.lora_alpha=8", "align.lr=5e-3",

@@ -40,6 +40,9 @@ def test_load_pairs_keeps_the_first_k_and_names_bad_rows(pairs_uris, tmp_path):
     assert len(examples) == 12 and {e.path for e in examples} == {"knowledge", "rerank"}
     full = io.read_parquet(pairs_uris[0]).to_pylist()
     assert examples[0].rejected == full[0]["rejected"][:2], "most-rejected first: the first K are kept"
+    subset = load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
+    assert len(subset) == 5 and subset == load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
+    assert [e.prompt for e in subset] == [e.prompt for e in examples if e in subset], "a subset keeps file order"
     with pytest.raises(ValueError, match=r"knowledge.parquet: row 0 \(user_idx \d+\): 3 rejected"):
         load_pairs(pairs_uris, num_negatives=4)
     bad = tmp_path / "bad.parquet"
@@ -120,3 +123,56 @@ def test_on_the_fly_reference_with_naive_path(pairs_uris, tiny_llama_dir):
     # A fresh LoRA (B = 0) is the base model: every reward is 0 and the S-DPO loss is log(1 + K).
     assert first["loss_sum"] / 3 == pytest.approx(np.log(3), abs=1e-5)
     assert first["chosen_sum"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sft_only_config_plans_no_preference_steps():
+    cfg = AlignConfig(epochs=0, sft_epochs=2, batch_size=2)
+    plan = Plan.build(num_examples=8, cfg=cfg, world=1)
+    assert (plan.sft_steps, plan.preference_steps, plan.total_steps) == (8, 0, 8)
+    with pytest.raises(ValueError, match="SFT-only"):
+        AlignConfig(epochs=0, sft_epochs=0)
+
+
+def test_policy_starts_from_an_init_adapter_of_the_same_shape(tiny_llama_dir, tmp_path):
+    from recalign.align.trainer import check_adapter
+
+    cfg = AlignConfig(seed=1, **SMALL)
+    first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    with torch.no_grad():  # a fresh LoRA has B = 0; give every weight a value the other seed would not draw
+        for name, param in first.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    first.save_pretrained(str(tmp_path / "sft"))
+    check_adapter(str(tmp_path / "sft"), cfg)
+    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL), torch.device("cpu"), str(tmp_path / "sft"))
+    lora = {n: p for n, p in first.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in lora.items())
+    with pytest.raises(ValueError, match=r"r=4 but align asks for r=8"):
+        check_adapter(str(tmp_path / "sft"), AlignConfig(**{**SMALL, "lora_r": 8}))
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
+        check_adapter(str(tmp_path), cfg)
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_uris, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    sums = {}
+    for precision in ("no", "bf16"):
+        cfg = AlignConfig(loss_type="sdpo", num_negatives=2, batch_size=2, mixed_precision=precision, **SMALL)
+        examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
+        model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trainable]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+        reference = precompute_reference(model, examples, cfg, tokenizer.pad_token_id, 0, 1, torch.device("cpu"),
+                                         adapter=False)
+        sums[precision] = train_step(PolicyScorer(model), model, optimizer, examples, [np.arange(2)], cfg,
+                                     tokenizer.pad_token_id, torch.device("cpu"), "preference", reference, trainable)
+        assert all(p.dtype == torch.float32 for p in trainable), "master weights stay fp32"
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainable))
+    # A fresh LoRA is the base model: both precisions start at the S-DPO loss log(1 + K) up to bf16 rounding.
+    assert sums["no"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=1e-5)
+    assert sums["bf16"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=0.05)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        AlignConfig(mixed_precision="fp8")

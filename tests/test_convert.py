@@ -23,7 +23,7 @@ def tiny_gguf(tmp_path_factory):
 def test_conversion_is_exact_and_keeps_template_and_special_tokens(tiny_gguf, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tiny import CHAT_TEMPLATE
+    from recalign.llm.tiny import CHAT_TEMPLATE
 
     gguf_path, reference = tiny_gguf
     out = convert_gguf(gguf_path, tmp_path / "tiny")
@@ -74,6 +74,9 @@ def test_resolve_model(tiny_gguf, tiny_llama_dir, tmp_path):
     with pytest.raises(ModelError, match="nothing is downloaded"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path)
     assert default_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tiny = resolve_model("tiny", tmp_path / "models")
+    assert tiny == str((tmp_path / "models" / "tiny-llama").resolve()) and os.path.isfile(os.path.join(tiny, "config.json"))
+    assert resolve_model("tiny", tmp_path / "models") == tiny  # built once, then reused
 
 
 @pytest.mark.slow

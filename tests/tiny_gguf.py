@@ -22,7 +22,7 @@ def save_tiny_gguf(path: str | Path, seed: int = 0) -> tuple[Path, dict]:
     """Write the GGUF; return its path and the HF state dict it encodes (name -> numpy array)."""
     import gguf
 
-    from tiny import CHAT_TEMPLATE, build_tiny_llama, build_tokenizer
+    from recalign.llm.tiny import CHAT_TEMPLATE, build_tiny_llama, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_tiny_llama(tokenizer, seed=seed)

@@ -1,4 +1,4 @@
-"""The foundation stages: prepare the data, train SASRec, evaluate the baselines.
+"""The foundation stages: prepare the data, train SASRec; scores and reports of the baselines.
 
 Each stage function reads and writes under a `RunSpec` and is skipped when its output exists for
 the same fingerprint (see `recalign.stage`). Jobs and the pipeline call these functions.
@@ -12,8 +12,8 @@ import numpy as np
 
 from recalign import io, stage
 from recalign.config import fingerprint, to_dict
-from recalign.data.dataset import DataConfig, Dataset, SplitArrays, prepare
-from recalign.evaluation import EvalConfig, baseline_systems, evaluate, markdown_table
+from recalign.data.dataset import DataConfig, SplitArrays, prepare
+from recalign.evaluation import markdown_table
 from recalign.models.sasrec import SASRecConfig
 from recalign.runs import RunSpec
 from recalign.train.seqrec import SASRecJobSpec, SeqTrainConfig, fit_sasrec, load_model, score_split
@@ -68,21 +68,3 @@ def write_report(result: dict, eval_dir: str, title: str, extra: str = "") -> st
     io.write_json(result, io.join(eval_dir, "metrics.json"))
     io.write_text(f"# {title}\n\n{table}", io.join(eval_dir, "metrics.md"))
     return table
-
-
-def evaluate_baselines_stage(run: RunSpec, eval_cfg: EvalConfig, log: Log = print, force: bool = False) -> dict:
-    """Random, popularity and SASRec on the protocol's split, with CIs against SASRec."""
-    key = fingerprint({"data": stage.fingerprint_of(run.dir("data")),
-                       "sasrec": stage.fingerprint_of(run.dir("baselines", "sasrec")), "eval": to_dict(eval_cfg)})
-    eval_dir = run.dir("eval")
-
-    def run_eval() -> dict:
-        data = Dataset(run.dir("data"))
-        split = data.split(eval_cfg.split)
-        systems = baseline_systems(data, split, eval_cfg.seed)
-        systems["sasrec"] = sasrec_scores(run, split)
-        result = evaluate(systems, split, eval_cfg)
-        table = write_report(result, eval_dir, f"Baselines on {data.meta['name']} ({eval_cfg.split} split)")
-        return {"table": table}
-
-    return stage.run("evaluate", eval_dir, key, run_eval, log, force)

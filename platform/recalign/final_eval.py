@@ -13,7 +13,6 @@ eval/systems/ by fingerprint, so an interrupted evaluation resumes with the syst
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import shutil
 import tempfile
@@ -28,15 +27,17 @@ from recalign.data.dataset import Dataset
 from recalign.evaluation import EvalConfig, baseline_systems, summarise
 from recalign.rerank.llm import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
 from recalign.runs import RunSpec
+from recalign.sampling.engines import EngineConfig
 
 Log = Callable[[str], None]
+LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
 
 
 @dataclass
 class KnowledgeGenConfig:
     max_new_tokens: int = 96  # greedy analysis length for the knowledge re-ranker
     batch_size: int = 16  # users per generate call
-    engine: str = "auto"  # auto | vllm | hf
+    num_actors: int = 1  # engine actors generating at once (CPU nodes: one per core, each with engine.threads)
 
 
 @dataclass
@@ -85,8 +86,43 @@ def _metric_rows(scores: np.ndarray, target_index: np.ndarray, rows: np.ndarray,
     return {"rows": rows.tolist(), "metrics": {k: v.tolist() for k, v in values.items()}}
 
 
+def discover_policies(run: RunSpec) -> tuple[list[Policy], list[Policy]]:
+    """The finished policies of a run: (re-rank LLMs, knowledge LLMs), the base model first in both.
+
+    Re-rank policies live in policy/rerank/<label> (sft, sft+dpo, ...), knowledge policies in
+    policy/knowledge/<label>; a folder counts once its stage marker is written.
+    """
+    import pyarrow.fs as pafs
+
+    from recalign import stage
+
+    def found(path: str) -> list[Policy]:
+        fs, root = io.resolve(run.dir("policy", path))
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        labels = [i.base_name for i in infos if i.type == pafs.FileType.Directory
+                  and io.exists(run.dir("policy", path, i.base_name, stage.MARKER))]
+        labels.sort(key=lambda label: ([LOSS_ORDER.index(p) if p in LOSS_ORDER else len(LOSS_ORDER)
+                                        for p in label.split("+")], label))
+        return [Policy(label, run.dir("policy", path, label), stage.fingerprint_of(run.dir("policy", path, label)))
+                for label in labels]
+
+    rerank = [Policy("llm zero-shot", None)] + [Policy(f"llm {p.name}", p.adapter, p.key) for p in found("rerank")]
+    knowledge = [Policy("base", None)] + found("knowledge")
+    return rerank, knowledge
+
+
+def evaluate_stage(run: RunSpec, cfg: FinalEvalConfig, model_path: str, engine: EngineConfig,
+                   log: Log = print) -> dict:
+    """Every system the run has trained so far, on the test split (per-system results are cached)."""
+    llm_policies, knowledge_policies = discover_policies(run)
+    log(f"[evaluate] LLM re-rankers: {[p.name for p in llm_policies]}; knowledge from: "
+        f"{[p.name for p in knowledge_policies]}; LLM systems on "
+        f"{cfg.llm_users or 'all'} {cfg.eval.split} users")
+    return evaluate_run(run, cfg, model_path, llm_policies, knowledge_policies, engine, log)
+
+
 def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_policies: list[Policy],
-                 knowledge_policies: list[Policy], log: Log = print) -> dict:
+                 knowledge_policies: list[Policy], engine: EngineConfig | None = None, log: Log = print) -> dict:
     """Score every system, write eval/metrics.{json,md} and eval/metrics.png; returns the summary."""
     from recalign import stage
     from recalign.baselines import sasrec_scores, write_report
@@ -107,7 +143,8 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
         sasrec_scores(run, split), split.target_index, all_rows, names), log)
 
     if io.exists(io.join(run.dir("reward_model", "ka"), "model.pt")):
-        results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies, base_key, log))
+        results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies,
+                                          engine or EngineConfig(), base_key, log))
     for policy in llm_policies:
         results[policy.name] = _cached(run, policy.name, fingerprint([base_key, policy.key, to_dict(cfg.rerank),
                                                                      sub.tolist()]),
@@ -126,7 +163,7 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     return {"table": table}
 
 
-def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, base_key, log) -> dict:
+def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, base_key, log) -> dict:
     from recalign.reward.stages import input_key
     from recalign.train.ka_train import load_ka_model, score_with_knowledge
 
@@ -140,7 +177,7 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, base_ke
         name = f"ka-sasrec + {policy.name} knowledge"
 
         def compute(p=policy) -> dict:
-            vectors, present = generate_knowledge(run, cfg, data, sub, model_path, p, log)
+            vectors, present = generate_knowledge(run, cfg, data, sub, model_path, p, engine, log)
             scores = score_with_knowledge(ka, split.history[sub], split.candidates[sub], vectors, present)
             return _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)
 
@@ -150,7 +187,7 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, base_ke
 
 
 def generate_knowledge(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, sub: np.ndarray, model_path: str,
-                       policy: Policy, log: Log) -> tuple[np.ndarray, np.ndarray]:
+                       policy: Policy, engine: EngineConfig, log: Log) -> tuple[np.ndarray, np.ndarray]:
     """Greedy analyses of the subset users' test histories by `policy`, encoded: (S, d) vectors, (S,) present."""
     from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table
     from recalign.sampling.pipeline import SampleConfig, run_sampling
@@ -162,8 +199,8 @@ def generate_knowledge(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, sub: n
         path = merge_adapter(model_path, policy.adapter, merged) if policy.adapter else model_path
         sample_cfg = SampleConfig(model=path, num_samples=1, temperature=0.0, max_new_tokens=cfg.knowledge.max_new_tokens,
                                   num_users=cfg.llm_users, subset_seed=cfg.subset_seed, split=cfg.eval.split,
-                                  batch_size=cfg.knowledge.batch_size, overwrite=True)
-        sample_cfg.engine = dataclasses.replace(sample_cfg.engine, engine=cfg.knowledge.engine)
+                                  batch_size=cfg.knowledge.batch_size, num_actors=cfg.knowledge.num_actors,
+                                  overwrite=True, engine=engine)
         run_sampling(sample_cfg, run.dir("data"), out_dir, log=log)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
@@ -204,8 +241,9 @@ def _free_generation_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_systems(summary: dict, uri: str) -> None:
-    """Bar chart of NDCG@10 and HR@1 with their CIs, one bar per system."""
+def plot_systems(summary: dict, uri: str, metric: str = "ndcg@10") -> None:
+    """Left: each system's `metric` with its CI. Right: the paired difference to the reference system on the
+    rows both were scored on, with its CI: systems scored on a user subset are compared where they overlap."""
     import io as _io
 
     import matplotlib
@@ -215,19 +253,26 @@ def plot_systems(summary: dict, uri: str) -> None:
 
     systems = summary["systems"]
     names = list(systems)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ("ndcg@10", "hr@1")):
-        means = np.array([systems[n][metric]["mean"] for n in names])
-        low = means - np.array([systems[n][metric]["low"] for n in names])
-        high = np.array([systems[n][metric]["high"] for n in names]) - means
-        ax.barh(range(len(names)), means, xerr=[low, high], color="#4c72b0", capsize=3)
-        ax.set_xlabel(f"{metric} ({int(summary['confidence'] * 100)}% CI)")
-        ax.set_yticks(range(len(names)), [f"{n} ({systems[n]['num_rows']})" for n in names], fontsize=8)
-        ax.invert_yaxis()
-    fig.suptitle(f"{summary['split']} split")
+    labels = [f"{n} ({systems[n]['num_rows']})" for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
+    means = np.array([systems[n][metric]["mean"] for n in names])
+    errors = [means - np.array([systems[n][metric]["low"] for n in names]),
+              np.array([systems[n][metric]["high"] for n in names]) - means]
+    left.barh(range(len(names)), means, xerr=errors, color="#4c72b0", capsize=3)
+    left.set_xlabel(f"{metric} ({int(summary['confidence'] * 100)}% CI)")
+    left.set_yticks(range(len(names)), labels, fontsize=8)
+    left.invert_yaxis()
+    vs = [systems[n][metric].get("vs_reference") or {"diff": 0.0, "low": 0.0, "high": 0.0} for n in names]
+    diffs = np.array([v["diff"] for v in vs])
+    colors = ["#999999" if n == summary["reference"] else ("#55a868" if v["low"] > 0 else "#c44e52" if v["high"] < 0
+              else "#8c8c8c") for n, v in zip(names, vs)]
+    right.barh(range(len(names)), diffs, xerr=[diffs - [v["low"] for v in vs], [v["high"] for v in vs] - diffs],
+               color=colors, capsize=3)
+    right.axvline(0.0, color="black", linewidth=0.8)
+    right.set_xlabel(f"Δ{metric} vs {summary['reference']}, paired on shared rows (CI)")
+    fig.suptitle(f"{summary['split']} split; rows scored in parentheses")
     fig.tight_layout()
     buffer = _io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     io.write_bytes(buffer.getvalue(), uri)
-

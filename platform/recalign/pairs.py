@@ -1,4 +1,4 @@
-"""Preference data for alignment, one schema for both paths (see CONVENTIONS.md, pairs/<path>.parquet).
+"""Preference data for alignment, one schema for both paths (pairs/<path>.parquet).
 
 - knowledge (RLRF4Rec / DPO4Rec): prompt = the sampling prompt; chosen = the best-rewarded analysis,
   rejected = the K worst, worst first. Users whose best-minus-worst reward is below `margin` are
@@ -40,7 +40,8 @@ class PairsConfig:
     seed: int = 0  # random negatives
     model: str = "smollm2"  # policy model (name or HF folder) whose chat template renders rerank prompts
     models_dir: str = "models"  # where named models are converted (recalign.llm.resolve_model)
-    prompt: PromptConfig = field(default_factory=PromptConfig)  # rerank prompt settings (match sampling's)
+    # Rerank prompt settings; they must match the re-ranker's at evaluation (the pipeline sets them from it).
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.paths) - set(PATHS))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,7 @@ class TrialSpec:
     out_root: str  # adapters of trial t go to <out_root>/<trial id>
     storage_path: str  # Ray Train storage of the trials' TorchTrainers
     hooks: list = field(default_factory=list)  # per-step hooks passed to train_policy (fault injection in tests)
+    init_adapter: str = ""  # LoRA adapter every trial starts from and is the reference (the SFT policy); "" = none
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -83,39 +84,62 @@ def letter_ranker_metrics(model_path: str, adapter: str | None, prompts: list[st
     cfg = dataclasses.replace(rerank, max_new_tokens=1)  # only the answer-position logits are needed
     scorer = LetterScorer(functools.partial(load_policy, model_path, adapter, cfg.dtype), num_candidates, cfg)
     out = scorer({"row": np.arange(len(prompts)), "prompt": np.array(prompts, dtype=object)})
-    values = metrics.compute(out["letter_logits"], target_index, ("ndcg@10", "hr@1", "mrr"))
+    # A copy: arrays a Tune trial gets through the object store are read-only, and torch warns on those.
+    values = metrics.compute(out["letter_logits"], np.array(target_index), ("ndcg@10", "hr@1", "mrr"))
     return {f"valid_{k}": float(v.mean()) for k, v in values.items()}
 
 
 def trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """One Tune trial: train rung by rung (the TorchTrainer resumes its own checkpoints), report after each."""
+    """One Tune trial: train rung by rung (the TorchTrainer resumes its own checkpoints), report after each.
+
+    Each report carries a Tune checkpoint naming its rung, so a trial restored after an interruption
+    starts at the next rung instead of re-scoring (and re-publishing) the ones it already reported.
+    """
+    import tempfile
+
     from ray import tune
 
     from recalign.align.trainer import train_policy
 
     trial_id = tune.get_context().get_trial_id()
     out_dir = io.join(spec.out_root, trial_id)
-    for rung in range(1, spec.rungs + 1):
+    for rung in range(_rungs_done(tune.get_checkpoint()) + 1, spec.rungs + 1):
         cfg = dataclasses.replace(spec.align, loss_type=config["loss_type"], beta=float(config["beta"]),
                                   num_negatives=int(config["num_negatives"]), epochs=rung, max_steps=0)
-        summary = train_policy(cfg, spec.model_path, spec.pairs_uris, out_dir, spec.storage_path,
-                               name=f"sweep-{trial_id}", hooks=spec.hooks, log=lambda _: None)
+        summary = train_policy(cfg=cfg, model_path=spec.model_path, pairs_uris=spec.pairs_uris, out_dir=out_dir,
+                               storage_path=spec.storage_path, name=f"sweep-{trial_id}", hooks=spec.hooks,
+                               log=lambda _: None, init_adapter=spec.init_adapter)
         scores = letter_ranker_metrics(spec.model_path, out_dir, spec.prompts, spec.target_index,
                                        spec.num_candidates, spec.rerank)
         final = summary.get("final", {})
-        tune.report({**scores, "rung": rung, "steps": summary.get("steps", 0), "adapter": out_dir,
-                     "train_loss": final.get("loss", float("nan")),
-                     "reward_accuracy": final.get("reward_accuracy", float("nan"))})
+        with tempfile.TemporaryDirectory() as ckpt_dir:
+            io.write_json({"rung": rung}, io.join(ckpt_dir, "rung.json"))
+            tune.report({**scores, "rung": rung, "steps": summary.get("steps", 0), "adapter": out_dir,
+                         "train_loss": final.get("loss", float("nan")),
+                         "reward_accuracy": final.get("reward_accuracy", float("nan"))},
+                        checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
 
-def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str):
-    """Run (or, when `storage_path/name` holds an interrupted sweep, continue) the Tune sweep."""
+def _rungs_done(checkpoint) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as ckpt_dir:
+        return int(io.read_json(io.join(ckpt_dir, "rung.json"))["rung"])
+
+
+def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Callable[[str], None] = print):
+    """Run (or, when `storage_path/name` holds an interrupted sweep, continue) the Tune sweep.
+
+    A continued sweep keeps its finished trials, resumes the errored and unfinished ones from their
+    last reported rung, and keeps the search space and ASHA settings it was started with.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(tune.with_parameters(trial, spec=spec), {"CPU": 0, "memory": 1})
     path = io.join(storage_path, name)
     if tune.Tuner.can_restore(path):
+        log(f"sweep {name}: restoring the sweep in {path} (finished trials are kept)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
         scheduler = ASHAScheduler(time_attr="rung", max_t=spec.rungs, grace_period=cfg.grace_period,
@@ -125,7 +149,8 @@ def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str):
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
                                         max_concurrent_trials=cfg.max_concurrent,
                                         search_alg=None if cfg.search == "grid" else _seeded_search(cfg.seed)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path))
+            run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()
 
 

@@ -14,6 +14,7 @@ their LoRA weights and fail loudly if they diverged.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -104,8 +105,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.num_negatives), cfg)
-    model = build_policy(spec.model_path, cfg, device)
+    examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed),
+                            cfg)
+    model = build_policy(spec.model_path, cfg, device, spec.init_adapter)
     tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
     state = restore(ray.train.get_checkpoint(), model, tb_dir if rank == 0 else None)
     state.starts.append(state.step)
@@ -126,9 +128,12 @@ def train_loop(config: dict[str, Any]) -> None:
             if state.phase == phase and state.optimizer is not None:
                 optimizer.load_state_dict(state.optimizer)
             state.phase = phase
-        if phase == PREFERENCE and state.reference is None and (cfg.precompute_reference or plan.sft_steps > 0):
+        # The reference is the policy as the preference phase starts: the base model (adapter off), or the
+        # SFT-warmed / initial adapter, whose log-probs must be taken now because the adapter moves on.
+        starts_from_adapter = plan.sft_steps > 0 or bool(spec.init_adapter)
+        if phase == PREFERENCE and state.reference is None and (cfg.precompute_reference or starts_from_adapter):
             state.reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device,
-                                                   adapter=plan.sft_steps > 0)
+                                                   adapter=starts_from_adapter)
         lr = plan.learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -138,6 +143,12 @@ def train_loop(config: dict[str, Any]) -> None:
         record = _global_record(sums, time.perf_counter() - start, phase, state.step + 1, lr, device)
         state.step += 1
         state.history.append(record)
+        if rank == 0 and (state.step % max(1, plan.total_steps // 10) == 0 or state.step == plan.total_steps):
+            accuracy = f", reward accuracy {record['reward_accuracy']:.2f}" if phase == PREFERENCE else ""
+            # Ray Train's own logger reaches the driver once; a print from a Train worker arrives twice.
+            logging.getLogger("ray.train").info(
+                f"[align] step {state.step}/{plan.total_steps} ({phase}): loss {record['loss']:.4f}{accuracy}, "
+                f"{record['step_seconds']:.1f}s/step")
         if writer is not None:
             _log_scalars(writer, record)
         if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps or state.step == plan.sft_steps:
@@ -157,9 +168,10 @@ def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
                            cfg.max_completion_tokens) for e in pairs]
 
 
-def build_policy(model_path: str, cfg: AlignConfig, device: torch.device):
-    """The base causal LM with a fresh LoRA adapter (seeded), on `device`."""
-    from peft import LoraConfig, get_peft_model
+def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = ""):
+    """The base causal LM with a fresh LoRA adapter (seeded), or the weights of `init_adapter`, on `device`."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -168,7 +180,14 @@ def build_policy(model_path: str, cfg: AlignConfig, device: torch.device):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
-    return get_peft_model(base, lora).to(device)
+    model = get_peft_model(base, lora)
+    if init_adapter:  # same LoRA shape (checked by the driver), so the saved weights load one to one
+        result = set_peft_model_state_dict(model, load_file(os.path.join(init_adapter, "adapter_model.safetensors")))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"{init_adapter}: adapter does not fit the LoRA modules (unexpected "
+                             f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
+    return model.to(device)
 
 
 def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConfig, pad_id: int, device,
@@ -177,32 +196,43 @@ def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConf
     model.train()
     sums: dict[str, float] = {}
     for i, rows in enumerate(micro_batches):
-        batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else None).to(device)
-        last = i == len(micro_batches) - 1
-        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-        sync = contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
-        with sync:
-            logps = scorer(**batch.tensors())  # (b, 1 + K), or (b, 1) in SFT
-            if phase == SFT:
-                chosen_tokens = batch.completion_mask[:, 0].sum()
-                loss = -logps[:, 0].sum() / chosen_tokens
-                _add(sums, loss_sum=loss.item() * len(rows), examples=len(rows))
-            else:
-                ref = (reference[torch.as_tensor(rows)].to(device) if reference is not None
-                       else reference_logps(model, batch, cfg.prompt_sharing))
-                losses, chosen_rewards, rejected_rewards = preference_loss(
-                    logps[:, 0], logps[:, 1:], ref[:, 0].to(logps.dtype), ref[:, 1:].to(logps.dtype), cfg.beta,
-                    cfg.loss_type)
-                loss = losses.mean()
-                stats = reward_stats(chosen_rewards, rejected_rewards)
-                _add(sums, loss_sum=losses.sum().item(), examples=len(rows),
-                     **{f"{k}_sum": v.sum().item() for k, v in stats.items()})
-            (loss / len(micro_batches)).backward()
-        _add(sums, sequence_tokens=batch.sequence_tokens())
+        with autocast(cfg, device):
+            _add(sums, **_micro_batch(scorer, model, examples, rows, i == len(micro_batches) - 1,
+                                      len(micro_batches), cfg, pad_id, device, phase, reference))
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def autocast(cfg: AlignConfig, device):
+    """bf16 autocast when cfg.mixed_precision asks for it (weights and gradients keep their dtype)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+
+
+def _micro_batch(scorer, model, examples, rows, last: bool, num_micro: int, cfg: AlignConfig, pad_id: int, device,
+                 phase: str, reference: torch.Tensor | None) -> dict[str, float]:
+    """Forward and backward of one micro-batch (1/num_micro of the step's loss); returns its metric sums."""
+    batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else None).to(device)
+    sums = {"sequence_tokens": float(batch.sequence_tokens()), "examples": float(len(rows))}
+    # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+    sync = contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
+    with sync:
+        logps = scorer(**batch.tensors())  # (b, 1 + K), or (b, 1) in SFT
+        if phase == SFT:
+            loss = -logps[:, 0].sum() / batch.completion_mask[:, 0].sum()  # token-mean NLL of the chosen
+            sums["loss_sum"] = loss.item() * len(rows)
+        else:
+            ref = (reference[torch.as_tensor(rows)].to(device) if reference is not None
+                   else reference_logps(model, batch, cfg.prompt_sharing))
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                logps[:, 0], logps[:, 1:], ref[:, 0].to(logps.dtype), ref[:, 1:].to(logps.dtype), cfg.beta,
+                cfg.loss_type)
+            loss = losses.mean()
+            sums["loss_sum"] = losses.sum().item()
+            sums.update({f"{k}_sum": v.sum().item() for k, v in reward_stats(chosen_rewards, rejected_rewards).items()})
+        (loss / num_micro).backward()
     return sums
 
 
@@ -229,7 +259,7 @@ def precompute_reference(model, examples, cfg: AlignConfig, pad_id: int, rank: i
     for start in range(0, len(mine), cfg.batch_size):
         rows = mine[start:start + cfg.batch_size]
         batch = collate([examples[j] for j in rows], pad_id).to(device)
-        with contextlib.nullcontext() if adapter else model.disable_adapter():
+        with contextlib.nullcontext() if adapter else model.disable_adapter(), autocast(cfg, device):
             out[torch.as_tensor(rows)] = SCORERS[cfg.prompt_sharing](model, **batch.tensors()).double().cpu()
     if dist.is_available() and dist.is_initialized():
         out = out.to(device)

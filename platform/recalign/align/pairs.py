@@ -1,6 +1,6 @@
 """Preference pairs: read and check `pairs/<path>.parquet`, or build heuristic ones from the data.
 
-Schema (CONVENTIONS.md): user_idx int32, path string, prompt string (chat-rendered, ends with the
+Schema (`recalign.pairs.PAIRS_SCHEMA`): user_idx int32, path string, prompt string (chat-rendered, ends with the
 assistant header), chosen string (no EOS), rejected list<string> (K completions, most-rejected
 first), chosen_reward float64 (nullable), rejected_rewards list<float64> (nullable).
 
@@ -20,15 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from recalign import io
+from recalign.pairs import PAIRS_SCHEMA, PATHS
 
-PATHS = ("knowledge", "rerank")
 REQUIRED = ("user_idx", "path", "prompt", "chosen", "rejected")
-
-PAIRS_SCHEMA = pa.schema([
-    ("user_idx", pa.int32()), ("path", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
-    ("rejected", pa.list_(pa.string())), ("chosen_reward", pa.float64()),
-    ("rejected_rewards", pa.list_(pa.float64())),
-])
 
 
 @dataclass
@@ -40,8 +34,11 @@ class PreferenceExample:
     rejected: list[str]  # the first num_negatives of the file's list (most-rejected first)
 
 
-def load_pairs(uris: list[str], num_negatives: int) -> list[PreferenceExample]:
+def load_pairs(uris: list[str], num_negatives: int, max_examples: int = 0, seed: int = 0) -> list[PreferenceExample]:
     """Every row of the pairs files, keeping each row's first `num_negatives` rejected completions.
+
+    max_examples > 0 keeps a seeded random subset of that many rows (in file order), after every
+    row was checked, so the subset of a larger file never hides a bad row.
 
     A row with fewer rejected completions, an empty prompt or a null field is an error naming the
     file, the row and the user, never silently dropped: K must hold for every example.
@@ -71,6 +68,9 @@ def load_pairs(uris: list[str], num_negatives: int) -> list[PreferenceExample]:
                                               list(rejected[:num_negatives])))
         if not rows:
             raise ValueError(f"{uri}: no pairs")
+    if 0 < max_examples < len(examples):
+        keep = np.sort(np.random.default_rng(seed).choice(len(examples), size=max_examples, replace=False))
+        examples = [examples[i] for i in keep]
     return examples
 
 

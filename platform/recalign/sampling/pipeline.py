@@ -181,3 +181,17 @@ def _pin_config(out_dir: str, key: dict, overwrite: bool, log: Callable[[str], N
         log(f"[sample] overwrite: discarding {out_dir} (changed: {', '.join(changed)})")
         io.delete(out_dir)
     io.write_json({"key": key, "fingerprint": fingerprint(key)}, uri)
+
+
+def sample_stage(run, cfg: SampleConfig, log: Callable[[str], None] = print, force: bool = False) -> dict:
+    """`samples/` of a run, skipped when finished for the same users and generation settings.
+
+    Engine and actor settings are not part of the key: they change how fast samples come, not which.
+    A changed generation setting fails in `run_sampling` unless `overwrite` is set (samples are costly).
+    """
+    from recalign import stage
+
+    key = fingerprint({**generation_key(cfg, stage.fingerprint_of(run.dir("data"))), "num_users": cfg.num_users,
+                       "subset_seed": cfg.subset_seed})
+    return stage.run("sample", run.dir("samples"), key,
+                     lambda: run_sampling(cfg, run.dir("data"), run.dir("samples"), log=log), log, force)

@@ -31,7 +31,8 @@ from recalign import io, metrics
 from recalign.models.ka_sasrec import KAConfig, KASASRec
 from recalign.models.sasrec import SASRecConfig, next_item_loss
 from recalign.reward.encoder import KnowledgeTable, knowledge_table
-from recalign.train.seqrec import SeqTrainConfig, make_windows, param_divergence, seed_everything, sharded_mean
+from recalign.train.seqrec import (SeqTrainConfig, make_windows, param_divergence, run_trainer, seed_everything,
+                                   sharded_mean)
 
 
 @dataclass
@@ -237,32 +238,10 @@ def fit_ka(spec: KAJobSpec, out_dir: str, storage_path: str, run_name: str,
     Re-running with the same `storage_path` + `run_name` resumes from the last checkpoint.
     Returns the final report (validation metrics, best epoch, epochs run).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg = spec.train
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec, "on_epoch_end": on_epoch_end, "on_batch": on_batch,
-                           "local_checkpoint_dir": os.path.join(io.local_path(storage_path), run_name, "local")
-                           if cfg.num_workers == 0 else None},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"KA-SASRec training failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError("KA-SASRec training reported no checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
-    state = saved["state"]
-    best = state["best_model"] if state["best_model"] is not None else saved["model"]
-    final = dict(result.metrics or {})
-    final.update(best_epoch=state["best_epoch"], best_valid_ndcg=state["best_ndcg"], epochs_run=state["epoch"])
+    local_dir = os.path.join(io.local_path(storage_path), run_name, "local") if spec.train.num_workers == 0 else None
+    best, final = run_trainer(train_loop, {"spec": spec, "on_epoch_end": on_epoch_end, "on_batch": on_batch,
+                                           "local_checkpoint_dir": local_dir},
+                              spec.train, storage_path, run_name, "KA-SASRec")
     save_ka_model(best, spec, out_dir, final)
     return final
 

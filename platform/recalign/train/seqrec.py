@@ -221,32 +221,26 @@ def fit_sasrec(spec: SASRecJobSpec, out_dir: str, storage_path: str, run_name: s
     from its last checkpoint, so callers put a config fingerprint in the name.
     Returns the final report (validation metrics, best epoch, ...).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    best, final = run_trainer(train_loop, {"spec": spec, "on_epoch_end": on_epoch_end}, spec.train, storage_path,
+                              run_name, "SASRec")
+    save_model(best, spec, out_dir, final)
+    return final
 
-    cfg = spec.train
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec, "on_epoch_end": on_epoch_end},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"SASRec training failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError("SASRec training reported no checkpoint")
+
+def run_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: SeqTrainConfig, storage_path: str,
+                run_name: str, what: str) -> tuple[dict, dict[str, Any]]:
+    """Fit a sequential recommender's per-worker `loop` under a TorchTrainer (DDP, a checkpoint per epoch,
+    worker-group restarts); returns (best weights, final report) from the last checkpoint's state.pt."""
+    from recalign.train.ray_fit import fit_torch_trainer
+
+    result = fit_torch_trainer(loop, loop_config, cfg, storage_path, run_name, f"{what} training")
     with result.checkpoint.as_directory() as ckpt_dir:
         saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
     state = saved["state"]
     best = state["best_model"] if state["best_model"] is not None else saved["model"]
     final = dict(result.metrics or {})
     final.update(best_epoch=state["best_epoch"], best_valid_ndcg=state["best_ndcg"], epochs_run=state["epoch"])
-    save_model(best, spec, out_dir, final)
-    return final
+    return best, final
 
 
 def save_model(state_dict: dict, spec: SASRecJobSpec, out_dir: str, report: dict) -> None:

@@ -1,11 +1,16 @@
 """Tiny random language models and tokenizers, built in-process (nothing is downloaded).
 
 `save_tiny_llama(dir)` writes a Hugging Face folder (config, safetensors, tokenizer with a ChatML
-chat template like SmolLM2's) that transformers, PEFT, TRL and vLLM all load.
+chat template like SmolLM2's) that transformers, PEFT, TRL and vLLM all load. Tests use it, and the
+pipeline's `smoke` preset runs every stage on it (model name "tiny", see `resolve_model`): its
+analyses are gibberish, so a smoke run proves the plumbing, never the method.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -60,10 +65,18 @@ def build_tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed
 
 
 def save_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model to `path` (built in a temporary sibling, then renamed into place)."""
     path = Path(path)
     tokenizer = build_tokenizer()
     model = build_tiny_llama(tokenizer, seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

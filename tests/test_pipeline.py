@@ -1,0 +1,95 @@
+"""The one-command pipeline: presets, the policy plan, and every stage end to end on the tiny model."""
+
+import json
+import os
+
+import pytest
+
+import pipeline
+from recalign.align.policies import PoliciesConfig, plan_policies
+from recalign.align.trainer import AlignConfig
+from recalign.sampling.stage import read_samples
+
+
+@pytest.mark.parametrize("preset", ["smoke", "demo", "full"])
+def test_presets_use_one_model_and_the_evaluated_rerank_prompt(preset):
+    cfg = pipeline.parse([f"preset={preset}"])
+    assert cfg.run.name == preset
+    assert cfg.sample.model == cfg.pairs.model == cfg.model
+    assert cfg.pairs.prompt == cfg.eval.rerank.prompt_config(), "policies train on the prompts they are scored on"
+    assert list(cfg.stages) == list(pipeline.STAGES)
+
+
+def test_bad_preset_or_stage_is_a_config_error():
+    with pytest.raises(SystemExit, match="unknown preset 'nope'"):
+        pipeline.parse(["preset=nope"])
+    with pytest.raises(SystemExit, match=r"unknown stage\(s\) \['allign'\]"):
+        pipeline.parse(["preset=smoke", "stages=[data,allign]"])
+
+
+def test_policy_plan_trains_sft_once_then_every_loss_from_it():
+    cfg = PoliciesConfig(loss_types=["dpo", "sdpo"], rerank=AlignConfig(sft_max_steps=4, max_steps=3, beta=0.5,
+                                                                         num_negatives=3))
+    plan = plan_policies(cfg)
+    assert [(label, init) for label, _, init in plan] == [
+        ("knowledge/dpo", ""), ("knowledge/sdpo", ""), ("rerank/sft", ""),
+        ("rerank/sft+dpo", "rerank/sft"), ("rerank/sft+sdpo", "rerank/sft")]
+    align = {label: a for label, a, _ in plan}
+    sft = align["rerank/sft"]
+    assert (sft.sft_max_steps, sft.max_steps, sft.epochs, sft.num_negatives) == (4, 0, 0, 1)
+    assert (align["rerank/sft+sdpo"].sft_max_steps, align["rerank/sft+sdpo"].max_steps) == (0, 3)
+    assert align["rerank/sft+sdpo"].loss_type == "sdpo" and align["knowledge/dpo"].sft_max_steps == 0
+    # A sweep's best beta and K reach the re-rank preference policies, and never retrain the SFT policy.
+    swept = {label: a for label, a, _ in plan_policies(cfg, AlignConfig(beta=0.1, num_negatives=1))}
+    assert (swept["rerank/sft+dpo"].beta, swept["rerank/sft+dpo"].num_negatives) == (0.1, 1)
+    assert swept["rerank/sft"] == sft and swept["knowledge/dpo"] == align["knowledge/dpo"]
+    no_sft = plan_policies(PoliciesConfig(paths=["rerank"], loss_types=["dmpo"], rerank=AlignConfig()))
+    assert [(label, init) for label, _, init in no_sft] == [("rerank/dmpo", "")]
+    with pytest.raises(ValueError, match="loss_types"):
+        PoliciesConfig(loss_types=["ipo"])
+
+
+# The smoke preset, cut further: one loss type, the transformers engine (starts in seconds), no plain
+# control. Every stage still runs for real on Ray.
+FAST = ["policies.loss_types=[sdpo]", "sample.engine.engine=hf", "compare.plain_control=false",
+        "sasrec_train.epochs=2", "ka_train.epochs=2", "eval.llm_users=8", "sample.num_users=8"]
+
+
+@pytest.mark.ray
+def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_local, tmp_path, capsys):
+    root = tmp_path / "runs"
+    args = ["preset=smoke", f"run.root={root}", f"models_dir={tmp_path / 'models'}", *FAST]
+    summaries = pipeline.main(args)
+    run = root / "smoke"
+    assert set(summaries) == set(pipeline.STAGES)
+
+    samples = read_samples(str(run / "samples")).to_pandas()
+    assert samples.groupby("user_idx")["sample_idx"].nunique().eq(4).all() and samples["user_idx"].nunique() == 8
+    for rel in ("embeddings/embeddings.parquet", "reward_model/ka/model.pt", "reward_model/comparison.json",
+                "rewards/rewards.parquet", "pairs/knowledge.parquet", "pairs/rerank.parquet"):
+        assert (run / rel).is_file(), rel
+    for label in ("knowledge/sdpo", "rerank/sft", "rerank/sft+sdpo"):
+        assert (run / "policy" / label / "adapter_model.safetensors").is_file(), label
+    sdpo = json.loads((run / "policy" / "rerank" / "sft+sdpo" / "metrics.json").read_text())
+    assert sdpo["init_adapter"] == str(run / "policy" / "rerank" / "sft") and sdpo["sft_steps"] == 0
+    assert json.loads((run / "policy" / "rerank" / "sft" / "metrics.json").read_text())["sft_steps"] == 2
+
+    result = json.loads((run / "eval" / "metrics.json").read_text())
+    systems = result["systems"]
+    assert {"random", "popularity", "sasrec", "ka-sasrec (no knowledge)", "ka-sasrec + base knowledge",
+            "ka-sasrec + sdpo knowledge", "llm zero-shot", "llm sft", "llm sft+sdpo"} == set(systems)
+    assert systems["sasrec"]["num_rows"] == 943 and systems["llm sft+sdpo"]["num_rows"] == 8
+    assert "vs_reference" in systems["llm sft"]["ndcg@10"]
+    assert set(systems["llm zero-shot"]["free_generation"]) == {"valid_ratio", "hr@1_all_rows", "hr@1_valid_rows"}
+    assert (run / "eval" / "metrics.png").stat().st_size > 1000 and (run / "eval" / "metrics.md").is_file()
+    assert "llm sft+sdpo (8 of 943 users)" in capsys.readouterr().out, "the results table is printed"
+
+    # Same config again, but a new beta for the re-rank preference policy: only it and its evaluation rerun.
+    pipeline.main(args + ["policies.rerank.beta=0.5"])
+    out = capsys.readouterr().out
+    for name in ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "policy/rerank/sft",
+                 "policy/knowledge/sdpo"):
+        assert f"[{name}] up to date" in out, name
+    assert "[policy/rerank/sft+sdpo] running" in out
+    assert "[evaluate] llm sft+sdpo: scoring" in out and "[evaluate] llm sft: cached" in out
+    assert os.path.isfile(run / "policy" / "rerank" / "sft+sdpo" / "adapter_model.safetensors")
