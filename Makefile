@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh clone:
 #   make run    create .venv if missing, then run the demo pipeline on an embedded local Ray
 #   make test   create .venv if missing, then run the default (fast) test suite
+#   make bench  the sampling and alignment speed benchmarks
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -35,6 +36,11 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q
+
+# Speed benchmarks (minutes each; run them on a quiet machine). Results land in runs/bench/.
+bench: venv
+	$(PY) benchmarks/bench_sampling.py --out runs/bench/bench_sampling.json
+	$(PY) benchmarks/bench_align.py --out runs/bench/bench_align.json
 
 clean-venv:
 	rm -rf $(VENV)
