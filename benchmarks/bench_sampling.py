@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(ROOT, "platform"))
 
 
 def parse_engine(spec: str) -> tuple[str, dict]:
-    """'vllm:enforce_eager=true,threads=2' -> (spec, EngineConfig kwargs); batch_users=N is the bench's own."""
+    """'vllm:enforce_eager=true,threads=2' -> (spec, EngineConfig kwargs); batch_users=N and preload=LIB[:LIB]
+    (LD_PRELOAD of that engine's process, e.g. tcmalloc and libiomp5 as vLLM's CPU docs advise) are the bench's own."""
     import yaml
 
     name, _, opts = spec.partition(":")
@@ -103,6 +104,10 @@ def engine_worker(conn, model_path: str, seed: int, cfg_kwargs: dict) -> None:
             if message is None:
                 return
             prompts, batch_users, n, max_new_tokens = message
+            if hasattr(engine, "llm"):
+                # Every round sends the same prompts: without this, vLLM's later rounds would hit the prefix
+                # cache of the earlier ones, which no other engine (and no real run) gets.
+                engine.llm.reset_prefix_cache()
             cpu_start, start = _cpu_seconds(), time.perf_counter()
             results = []
             for i in range(0, len(prompts), batch_users):  # one generate call per pipeline batch
@@ -150,11 +155,19 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     workers = {}
+    preload = {spec: str(kwargs.pop("preload", "")) for spec, kwargs in specs}
     for spec, kwargs in specs:
         kwargs.setdefault("threads", args.threads)
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=engine_worker, args=(child, model_path, args.seed, kwargs), daemon=True)
+        saved = os.environ.get("LD_PRELOAD")
+        if preload[spec]:  # a spawned child execs a fresh interpreter: it sees the environment at start()
+            os.environ["LD_PRELOAD"] = preload[spec]
         proc.start()
+        if saved is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = saved
         reply = parent.recv()
         if reply[0] == "error":
             raise SystemExit(f"{spec}: {reply[1]}")
