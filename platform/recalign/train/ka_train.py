@@ -31,8 +31,8 @@ from recalign import io, metrics
 from recalign.models.ka_sasrec import KAConfig, KASASRec
 from recalign.models.sasrec import SASRecConfig, next_item_loss
 from recalign.reward.encoder import KnowledgeTable, knowledge_table
-from recalign.train.seqrec import (SeqTrainConfig, make_windows, param_divergence, run_trainer, seed_everything,
-                                   sharded_mean)
+from recalign.train.seqrec import (SeqTrainConfig, end_epoch, make_windows, param_divergence, restore_state,
+                                   run_trainer, seed_everything, sharded_mean)
 
 
 @dataclass
@@ -144,14 +144,7 @@ def train_loop(config: dict[str, Any]) -> None:
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
 
-    state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0, "best_model": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
-        core.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+    state = restore_state(ray.train.get_checkpoint(), core, optimizer)
     resumed_from = state["epoch"]
 
     for epoch in range(state["epoch"], spec.train.epochs):
@@ -182,12 +175,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if divergence > 1e-6 * max(1.0, sum(p.numel() for p in core.parameters()) ** 0.5):
             raise RuntimeError(f"worker parameters diverged (checksum spread {divergence:.3g}): "
                                "gradients are not synchronised across workers")
-        state["epoch"] = epoch + 1
-        if report["valid_ndcg@10"] > state["best_ndcg"]:
-            state.update(best_ndcg=report["valid_ndcg@10"], best_epoch=epoch, bad_epochs=0,
-                         best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
+        end_epoch(state, epoch, report["valid_ndcg@10"], core)
         report.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
                       best_valid_ndcg=state["best_ndcg"], best_epoch=state["best_epoch"],
                       resumed_from_epoch=resumed_from, param_divergence=divergence, world_size=world)

@@ -126,6 +126,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def restore_state(checkpoint, core: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The early-stopping state of a sequential recommender's loop: fresh, or the checkpoint's, whose
+    weights and optimizer state are loaded into `core` and `optimizer`."""
+    if not checkpoint:
+        return {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0, "best_model": None}
+    with checkpoint.as_directory() as ckpt_dir:
+        saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
+    core.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["state"]
+
+
+def end_epoch(state: dict[str, Any], epoch: int, valid_ndcg: float, core: torch.nn.Module) -> None:
+    """Record a finished epoch: keep a copy of the weights if validation NDCG@10 improved, else count it
+    towards patience. Every checkpoint carries the best weights, so no restart can lose them."""
+    state["epoch"] = epoch + 1
+    if valid_ndcg > state["best_ndcg"]:
+        state.update(best_ndcg=valid_ndcg, best_epoch=epoch, bad_epochs=0,
+                     best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
+    else:
+        state["bad_epochs"] += 1
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop. config: {"spec": SASRecJobSpec, "on_epoch_end": optional callable}."""
     import ray.train
@@ -151,14 +174,7 @@ def train_loop(config: dict[str, Any]) -> None:
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
 
-    state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0, "best_model": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
-        core.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+    state = restore_state(ray.train.get_checkpoint(), core, optimizer)
     resumed_from = state["epoch"]
 
     for epoch in range(state["epoch"], spec.train.epochs):
@@ -183,12 +199,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if divergence > 1e-6 * max(1.0, sum(p.numel() for p in core.parameters()) ** 0.5):
             raise RuntimeError(f"worker parameters diverged (checksum spread {divergence:.3g}): "
                                "gradients are not synchronised across workers")
-        state["epoch"] = epoch + 1
-        if ndcg10 > state["best_ndcg"]:
-            state.update(best_ndcg=ndcg10, best_epoch=epoch, bad_epochs=0,
-                         best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
+        end_epoch(state, epoch, ndcg10, core)
         report = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                   "valid_ndcg@10": ndcg10, "valid_hr@10": hr10, "best_valid_ndcg@10": state["best_ndcg"],
                   "best_epoch": state["best_epoch"], "resumed_from_epoch": resumed_from,
