@@ -36,6 +36,30 @@ def test_scorer_matches_a_manual_forward(tiny_llama_dir, ml100k_dir):
         np.testing.assert_allclose(out["letter_logits"][i], last[ids].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_scorer_computes_letter_logits_in_float32(tiny_llama_dir, ml100k_dir):
+    """A bfloat16 model's letter logits come from its final hidden state times the letter rows of the
+    LM head in float32, not rounded to bfloat16 (whose coarse steps would tie candidates)."""
+    from recalign.data.dataset import Dataset
+
+    cfg = llm.RerankConfig(batch_size=2, max_new_tokens=2, dtype="bfloat16")
+    loader = functools.partial(llm.load_policy, str(tiny_llama_dir), None, "bfloat16")
+    model, tok = loader()
+    texts = llm.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, cfg)
+    out = llm.LetterScorer(loader, 20, cfg)({"row": np.array([0, 1]), "prompt": np.array(texts, dtype=object)})
+    ids = llm.letter_token_ids(tok, 20)
+    head = model.get_output_embeddings().weight[ids].float()
+    for i, text in enumerate(texts):
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1][0, -1]
+            expected = (hidden.float() @ head.T).numpy()
+            rounded = model(**enc).logits[0, -1, ids].float().numpy()
+        np.testing.assert_allclose(out["letter_logits"][i], expected, rtol=1e-2, atol=1e-2)
+        assert np.abs(out["letter_logits"][i] - rounded).max() < 0.1  # the same ranking signal ...
+    as_bf16 = torch.tensor(out["letter_logits"]).bfloat16().float().numpy()
+    assert (as_bf16 != out["letter_logits"]).any()  # ... at float32 resolution
+
+
 def test_free_generation_metrics_by_hand():
     answers = ["B. Heat", "hmm", "A) Toy Story", "C"]
     target = np.array([1, 0, 1, 2])

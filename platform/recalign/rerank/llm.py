@@ -103,12 +103,23 @@ class LetterScorer:
         import torch
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        head = self.model.get_output_embeddings()
+        captured: list[torch.Tensor] = []
+        # The answer position's final hidden state, as the prefill feeds it to the LM head. The letter
+        # logits are computed from it in float32: a bfloat16 head rounds logits near 30 to steps of
+        # 0.125, which ties candidates, and ties count against the target.
+        hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0][:, -1]) if not captured else None)
+        try:
+            with torch.no_grad():
+                out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                          return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id)
+        finally:
+            hook.remove()
         with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                      output_logits=True, return_dict_in_generate=True,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        first = out.logits[0].float()  # (B, vocab): raw logits at the answer position
-        letter_logits = first[:, self.letter_ids].numpy()
+            letter_logits = captured[0].float() @ head.weight[self.letter_ids].float().T
+            if getattr(head, "bias", None) is not None:
+                letter_logits = letter_logits + head.bias[self.letter_ids].float()
+        letter_logits = letter_logits.numpy()
         new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
         answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return letter_logits, answers
