@@ -90,6 +90,8 @@ def parse(argv: list[str] | None) -> PipelineJob:
     cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
     cfg.pairs = dataclasses.replace(cfg.pairs, model=cfg.model, models_dir=cfg.models_dir,
                                     prompt=cfg.eval.rerank.prompt_config())
+    # Knowledge is evaluated on the prompt it was sampled, rewarded and aligned on.
+    cfg.eval.knowledge = dataclasses.replace(cfg.eval.knowledge, prompt=cfg.sample.prompt)
     return cfg
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
-from recalign.align.trainer import AlignConfig
+from recalign.align.trainer import RESOURCE_FIELDS, AlignConfig
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
                      storage_path=cfg.run.dir("ray"), init_adapter=init_adapter)
     init_hash = hashlib.sha256(io.read_bytes(io.join(init_adapter, "adapter_model.safetensors"))).hexdigest() \
         if init_adapter else ""
-    name = "sweep-" + fingerprint({"sweep": to_dict(cfg.sweep), "align": to_dict(cfg.align), "init": init_hash,
-                                   "rerank": to_dict(cfg.rerank), "model": model_path,
-                                   "pairs": hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest()})
+    name = sweep_name(cfg, model_path, init_hash, hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest())
     print(f"sweep {name}: {len(rows)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
     with ray_session(cfg.ray):
         results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name)
@@ -72,6 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"best: {out['best']['align']['loss_type']} beta={out['best']['align']['beta']:.3g} "
           f"K={out['best']['align']['num_negatives']} ({out['best']['metric']} {out['best']['value']:.4f})")
     return out
+
+
+def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) -> str:
+    """The sweep's identity: what its trials learn and are scored on. Concurrency, workers and fault
+    tolerance are left out, so changing them continues an interrupted sweep instead of starting anew
+    (a restored sweep keeps the concurrency it was started with: Tune stores its TuneConfig)."""
+    sweep = {k: v for k, v in to_dict(cfg.sweep).items() if k != "max_concurrent"}
+    align = {k: v for k, v in to_dict(cfg.align).items() if k not in RESOURCE_FIELDS}
+    return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": to_dict(cfg.rerank),
+                                   "model": model_path, "pairs": pairs_hash})
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class ServeJob:
     adapter: str = ""  # LoRA adapter folder (absolute, or relative to run_dir); empty = base model
     host: str = "127.0.0.1"
     port: int = 8000
+    replicas: int = 1  # Serve replicas; each holds rerank.cpus_per_actor CPUs and rerank.num_gpus GPUs
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
 
@@ -59,7 +60,9 @@ def build(cfg: ServeJob, loader=None):
     if adapter and not os.path.isabs(adapter) and not os.path.exists(adapter):
         adapter = os.path.join(cfg.run_dir, adapter)
     model_path = str(resolve_model(cfg.model, cfg.models_dir))
-    return Reranker.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank), loader)
+    deployment = Reranker.options(num_replicas=cfg.replicas, ray_actor_options={
+        "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
+    return deployment.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank), loader)
 
 
 def app_builder(args: dict[str, str]):

@@ -48,3 +48,24 @@ def ml100k_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("ml100k") / "data")
     prepare(DataConfig(), data_dir)
     return data_dir
+
+
+@pytest.fixture
+def remote_root(tmp_path, monkeypatch):
+    """A `mem://` URI root served by a non-local pyarrow filesystem (a SubTreeFileSystem over a temp
+    dir), standing in for s3:// or gs://: code that opens such URIs with plain file paths fails on it."""
+    import pyarrow.fs as pafs
+
+    from recalign import io
+
+    base = tmp_path / "remote"
+    base.mkdir()
+    real = io.resolve
+
+    def resolve(uri):
+        if str(uri).startswith("mem://"):
+            return pafs.SubTreeFileSystem(str(base), pafs.LocalFileSystem()), str(uri)[len("mem://"):]
+        return real(uri)
+
+    monkeypatch.setattr(io, "resolve", resolve)
+    return "mem://"

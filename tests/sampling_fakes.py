@@ -55,3 +55,21 @@ class _Crashing(FakeEngine):
 def crashing_engine(marker: str, mode: str = "exit", on_call: int = 1) -> FakeEngine:
     """An engine that kills its process (mode=exit) or raises (mode=raise) once, at its `on_call`-th batch."""
     return _Crashing(marker, mode, on_call)
+
+
+class AdapterEchoEngine(FakeEngine):
+    """Greedy answers that name the adapter (or "base") and the prompt's position in the call."""
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, adapters=None):
+        adapters = adapters or [None] * len(prompts)
+        return [PromptResult(1, [Completion(answer(p, a), 2, "stop")]) for p, a in zip(prompts, adapters)]
+
+
+def answer(prompt: str, adapter: str | None) -> str:
+    import hashlib
+
+    return f"{os.path.basename(adapter) if adapter else 'base'} on {hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
+def adapter_echo_engine() -> AdapterEchoEngine:
+    return AdapterEchoEngine()

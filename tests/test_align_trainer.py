@@ -153,6 +153,41 @@ def test_policy_starts_from_an_init_adapter_of_the_same_shape(tiny_llama_dir, tm
         check_adapter(str(tmp_path), cfg)
 
 
+def test_init_adapter_and_policy_load_from_remote_run_storage(tiny_llama_dir, tmp_path, remote_root):
+    """An s3://-style run root: the SFT adapter is read through pyarrow, both as an init adapter and
+    as a policy to evaluate, with the same weights as from a local folder."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from recalign.align.trainer import check_adapter
+    from recalign.rerank.llm import load_policy
+
+    cfg = AlignConfig(seed=1, **SMALL)
+    first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    first.save_pretrained(str(tmp_path / "sft"))
+    remote = remote_root + "run/policy/rerank/sft"
+    fs, path = io.resolve(remote)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(tmp_path / "sft"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    shutil.rmtree(tmp_path / "sft")  # only the remote copy is left
+
+    check_adapter(remote, cfg)
+    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL), torch.device("cpu"), remote)
+    lora = {n: p for n, p in first.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in lora.items())
+    merged, _ = load_policy(str(tiny_llama_dir), remote)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(ids).logits.numpy(), first.eval()(ids).logits.numpy(), atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="mem://run/policy/rerank/none: not a PEFT adapter"):
+        check_adapter(remote_root + "run/policy/rerank/none", cfg)
+
+
 def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_uris, tiny_llama_dir):
     from transformers import AutoTokenizer
 

@@ -79,3 +79,20 @@ def test_bad_yaml_names_file(tmp_path):
         load_config(Outer, path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_local_copy_of_a_remote_directory_is_temporary(remote_root, tmp_path):
+    io.write_json({"a": 1}, remote_root + "adapters/sft/adapter_config.json")
+    io.write_bytes(b"weights", remote_root + "adapters/sft/adapter_model.safetensors")
+    assert not io.is_local(remote_root + "adapters/sft") and io.is_local(tmp_path)
+    with io.local_copy(remote_root + "adapters/sft") as local:
+        assert sorted(os.listdir(local)) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert open(os.path.join(local, "adapter_model.safetensors"), "rb").read() == b"weights"
+    assert not os.path.exists(local)
+    with io.local_copy(tmp_path) as same:  # a local directory is used in place
+        assert same == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mem://adapters/none: no such directory"):
+        with io.local_copy(remote_root + "adapters/none"):
+            pass
+    with pytest.raises(ValueError, match="stage the files locally"):
+        io.local_path(remote_root + "adapters/sft")

@@ -184,6 +184,38 @@ def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_
     assert rescored[METRIC] == pytest.approx(best[METRIC], abs=1e-6), "the published adapter is the scored one"
 
 
+@dataclasses.dataclass
+class FallingScore:
+    """A trial scorer whose k-th call (over the whole sweep) scores 1/k: with one trial at a time, the
+    first trial always leads, whatever order the grid is run in."""
+
+    counter_dir: str
+
+    def __call__(self, adapter: str) -> dict:
+        calls = len(os.listdir(self.counter_dir)) + 1
+        open(os.path.join(self.counter_dir, f"call-{calls}"), "w").close()
+        return {METRIC: 1.0 / calls, "valid_hr@1": 0.0, "valid_mrr": 0.0}
+
+
+@pytest.mark.ray
+def test_asha_stops_trials_below_the_rung_cutoff(ray_local, tiny_llama_dir, sweep_inputs, tmp_path):
+    """Three trials one at a time, two rungs, grace 1, reduction factor 2. The first trial scores 1 at
+    rung 1 and goes on; the second scores 1/3 < 1 and the third 1/4 < the median of (1, 1/3): ASHA
+    stops both after rung 1. The stopped ones are still in the results, with one rung."""
+    counter = tmp_path / "calls"
+    counter.mkdir()
+    spec = dataclasses.replace(_spec(sweep_inputs, tiny_llama_dir, tmp_path), scorer=FallingScore(str(counter)))
+    cfg = SweepConfig(loss_types=["dpo"], betas=[0.1, 0.5, 1.0], num_negatives=[1], rungs=2, grace_period=1,
+                      reduction_factor=2, max_concurrent=1, valid_users=4)
+    results = run_sweep(cfg, spec, storage_path=spec.storage_path, name="sweep-asha")
+    assert len(results) == 3 and not results.errors
+    rungs = sorted((r.metrics_dataframe["rung"].tolist(), r.metrics["steps"]) for r in results)
+    assert rungs == [([1], 2), ([1], 2), ([1, 2], 4)]
+    assert len(os.listdir(counter)) == 4
+    frame = results_frame(results)
+    assert frame["rungs"].tolist() == [2, 1, 1] and frame[METRIC].tolist() == pytest.approx([0.5, 1 / 3, 1 / 4])
+
+
 def test_load_best_without_a_sweep_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run jobs/sweep.py first"):
         load_best(str(tmp_path))

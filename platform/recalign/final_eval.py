@@ -14,8 +14,6 @@ eval/systems/ by fingerprint, so an interrupted evaluation resumes with the syst
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,19 +23,13 @@ from recalign import io, metrics
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation import EvalConfig, baseline_systems, summarise
+from recalign.knowledge import KnowledgeGenConfig
 from recalign.rerank.llm import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
 from recalign.runs import RunSpec
 from recalign.sampling.engines import EngineConfig
 
 Log = Callable[[str], None]
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
-
-
-@dataclass
-class KnowledgeGenConfig:
-    max_new_tokens: int = 96  # greedy analysis length for the knowledge re-ranker
-    batch_size: int = 16  # users per generate call
-    num_actors: int = 1  # engine actors generating at once (CPU nodes: one per core, each with engine.threads)
 
 
 @dataclass
@@ -67,14 +59,21 @@ def llm_rows(data: Dataset, split: str, num_users: int, seed: int) -> np.ndarray
     return np.array([i for i, u in enumerate(examples["user_idx"].to_pylist()) if u in chosen], dtype=np.int64)
 
 
+def _system_uri(run: RunSpec, name: str) -> str:
+    return run.dir("eval", "systems", name.replace(" ", "_").replace("/", "_").replace("+", "-") + ".json")
+
+
+def _is_cached(run: RunSpec, name: str, key: str) -> bool:
+    uri = _system_uri(run, name)
+    return io.exists(uri) and io.read_json(uri).get("key") == key
+
+
 def _cached(run: RunSpec, name: str, key: str, compute: Callable[[], dict], log: Log) -> dict:
     """Per-system results under eval/systems/<name>.json, recomputed only when `key` changes."""
-    uri = run.dir("eval", "systems", name.replace(" ", "_").replace("/", "_").replace("+", "-") + ".json")
-    if io.exists(uri):
-        cached = io.read_json(uri)
-        if cached.get("key") == key:
-            log(f"[evaluate] {name}: cached")
-            return cached
+    uri = _system_uri(run, name)
+    if _is_cached(run, name, key):
+        log(f"[evaluate] {name}: cached")
+        return io.read_json(uri)
     log(f"[evaluate] {name}: scoring")
     result = {"key": key, **compute()}
     io.write_json(result, uri)
@@ -164,6 +163,7 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
 
 
 def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, base_key, log) -> dict:
+    from recalign.knowledge import generate_analyses, knowledge_prompts, knowledge_vectors
     from recalign.reward.stages import input_key
     from recalign.train.ka_train import load_ka_model, score_with_knowledge
 
@@ -173,49 +173,25 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine,
     out = {"ka-sasrec (no knowledge)": _cached(run, "ka-sasrec (no knowledge)", ka_key, lambda: _metric_rows(
         score_with_knowledge(ka, split.history, split.candidates, None, None), split.target_index,
         np.arange(len(split)), cfg.eval.metrics), log)}
+    names = {p.name: f"ka-sasrec + {p.name} knowledge" for p in policies}
+    gen = {k: v for k, v in to_dict(cfg.knowledge).items() if k in ("max_new_tokens", "prompt")}
+    keys = {p.name: fingerprint([ka_key, p.key, gen, sub.tolist()]) for p in policies}
+    todo = [p for p in policies if not _is_cached(run, names[p.name], keys[p.name])]
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if todo:  # every policy that lacks results, in one generation pass and one encoder pass
+        users = split.user_idx[sub]
+        log(f"[evaluate] knowledge: greedy analyses of {len(users)} users by {[p.name for p in todo]}")
+        prompts = knowledge_prompts(run.dir("data"), cfg.eval.split, users, model_path, cfg.knowledge.prompt)
+        answers = generate_analyses(prompts, {p.name: p.adapter for p in todo}, model_path, engine,
+                                    cfg.knowledge, log)
+        vectors = knowledge_vectors(answers, users, data.num_users, run.dir("eval", "knowledge"))
     for policy in policies:
-        name = f"ka-sasrec + {policy.name} knowledge"
-
         def compute(p=policy) -> dict:
-            vectors, present = generate_knowledge(run, cfg, data, sub, model_path, p, engine, log)
-            scores = score_with_knowledge(ka, split.history[sub], split.candidates[sub], vectors, present)
+            scores = score_with_knowledge(ka, split.history[sub], split.candidates[sub], *vectors[p.name])
             return _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)
 
-        out[name] = _cached(run, name, fingerprint([ka_key, policy.key, to_dict(cfg.knowledge), sub.tolist()]),
-                            compute, log)
+        out[names[policy.name]] = _cached(run, names[policy.name], keys[policy.name], compute, log)
     return out
-
-
-def generate_knowledge(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, sub: np.ndarray, model_path: str,
-                       policy: Policy, engine: EngineConfig, log: Log) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy analyses of the subset users' test histories by `policy`, encoded: (S, d) vectors, (S,) present."""
-    from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table
-    from recalign.sampling.pipeline import SampleConfig, run_sampling
-    from recalign.sampling.stage import read_samples
-
-    out_dir = run.dir("eval", "knowledge", policy.name.replace(" ", "_").replace("+", "-"))
-    merged = tempfile.mkdtemp(prefix="recalign-merged-")
-    try:
-        path = merge_adapter(model_path, policy.adapter, merged) if policy.adapter else model_path
-        sample_cfg = SampleConfig(model=path, num_samples=1, temperature=0.0, max_new_tokens=cfg.knowledge.max_new_tokens,
-                                  num_users=cfg.llm_users, subset_seed=cfg.subset_seed, split=cfg.eval.split,
-                                  batch_size=cfg.knowledge.batch_size, num_actors=cfg.knowledge.num_actors,
-                                  overwrite=True, engine=engine)
-        run_sampling(sample_cfg, run.dir("data"), out_dir, log=log)
-    finally:
-        shutil.rmtree(merged, ignore_errors=True)
-    samples = read_samples(out_dir)
-    table = knowledge_table(embed_samples(samples, EncoderConfig()), data.num_users)
-    users = data.split(cfg.eval.split).user_idx[sub]
-    return table.vectors[users, 0], table.present[users, 0]
-
-
-def merge_adapter(model_path: str, adapter: str, out_dir: str) -> str:
-    """Base + LoRA adapter merged into a plain Hugging Face folder (what vLLM loads)."""
-    model, tokenizer = load_policy(model_path, adapter)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def _llm_system(data: Dataset, cfg: FinalEvalConfig, split, sub: np.ndarray, model_path: str, policy: Policy) -> dict:

@@ -6,11 +6,13 @@ leaves a half-written table, JSON or directory behind for a later stage to trust
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -127,6 +129,25 @@ def local_path(uri: str | Path) -> Path:
     if not isinstance(fs, pafs.LocalFileSystem):
         raise ValueError(f"{uri}: this step needs a local path; stage the files locally first")
     return Path(path)
+
+
+def is_local(uri: str | Path) -> bool:
+    return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str | Path) -> Iterator[str]:
+    """A local path holding the directory `uri`: the path itself when it is local, else a temporary
+    copy (removed on exit). For libraries that only read local folders (PEFT, transformers)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    with tempfile.TemporaryDirectory(prefix="recalign-stage-") as tmp:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
 
 
 def _json_default(value: Any) -> Any:

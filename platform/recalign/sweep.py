@@ -56,6 +56,7 @@ class TrialSpec:
     storage_path: str  # Ray Train storage of the trials' TorchTrainers
     hooks: list = field(default_factory=list)  # per-step hooks passed to train_policy (fault injection in tests)
     init_adapter: str = ""  # LoRA adapter every trial starts from and is the reference (the SFT policy); "" = none
+    scorer: Callable[[str], dict[str, float]] | None = None  # adapter dir -> metrics; None = the letter re-ranker
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -109,8 +110,8 @@ def trial(config: dict[str, Any], spec: TrialSpec) -> None:
         summary = train_policy(cfg=cfg, model_path=spec.model_path, pairs_uris=spec.pairs_uris, out_dir=out_dir,
                                storage_path=spec.storage_path, name=f"sweep-{trial_id}", hooks=spec.hooks,
                                log=lambda _: None, init_adapter=spec.init_adapter)
-        scores = letter_ranker_metrics(spec.model_path, out_dir, spec.prompts, spec.target_index,
-                                       spec.num_candidates, spec.rerank)
+        scores = spec.scorer(out_dir) if spec.scorer else letter_ranker_metrics(
+            spec.model_path, out_dir, spec.prompts, spec.target_index, spec.num_candidates, spec.rerank)
         final = summary.get("final", {})
         with tempfile.TemporaryDirectory() as ckpt_dir:
             io.write_json({"rung": rung}, io.join(ckpt_dir, "rung.json"))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recalign import io
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.trainer import AlignConfig, AlignSpec
 from recalign.losses import preference_loss, reward_stats
@@ -171,7 +172,7 @@ def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
 def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = ""):
     """The base causal LM with a fresh LoRA adapter (seeded), or the weights of `init_adapter`, on `device`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
     from transformers import AutoModelForCausalLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -182,7 +183,8 @@ def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_a
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base, lora)
     if init_adapter:  # same LoRA shape (checked by the driver), so the saved weights load one to one
-        result = set_peft_model_state_dict(model, load_file(os.path.join(init_adapter, "adapter_model.safetensors")))
+        weights = load_safetensors(io.read_bytes(io.join(init_adapter, "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(model, weights)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
             raise ValueError(f"{init_adapter}: adapter does not fit the LoRA modules (unexpected "
@@ -273,7 +275,7 @@ def restore(checkpoint, model, tb_dir: str | None) -> TrainState:
     if checkpoint is None:
         return TrainState()
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     with checkpoint.as_directory() as ckpt_dir:
         weights = load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors"))

@@ -26,6 +26,9 @@ from recalign.losses import LOSS_TYPES
 
 Log = Callable[[str], None]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# AlignConfig fields that change where and how safely a run trains, not what it learns.
+RESOURCE_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep",
+                   "checkpoint_every")
 
 
 @dataclass
@@ -143,8 +146,9 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     if init_adapter:
         check_adapter(init_adapter, cfg)
     tb_dir = io.join(storage_path, name, "tensorboard") if "://" not in storage_path else ""
-    spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir,
-                     os.path.abspath(init_adapter) if init_adapter else "")
+    if init_adapter and io.is_local(init_adapter):
+        init_adapter = os.path.abspath(init_adapter)  # workers may run in another directory
+    spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir, init_adapter)
     label = cfg.loss_type if cfg.epochs or cfg.max_steps else "sft"
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}")
@@ -161,14 +165,12 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
 
 
 def check_adapter(adapter_dir: str, cfg: AlignConfig) -> None:
-    """An init adapter must have the LoRA shape `cfg` asks for, or its weights would not fit (or be ignored)."""
-    import json
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not all(os.path.isfile(os.path.join(adapter_dir, f)) for f in ADAPTER_FILES):
+    """An init adapter must have the LoRA shape `cfg` asks for, or its weights would not fit (or be ignored).
+    `adapter_dir` may be on any filesystem the run storage supports."""
+    path = io.join(adapter_dir, "adapter_config.json")
+    if not all(io.exists(io.join(adapter_dir, f)) for f in ADAPTER_FILES):
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (needs {', '.join(ADAPTER_FILES)})")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = io.read_json(path)
     wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
              "target_modules": sorted(saved.get("target_modules") or [])}
@@ -224,8 +226,7 @@ def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_ad
     """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
     from recalign.config import fingerprint
 
-    skip = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "checkpoint_every")
-    train = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    train = {k: v for k, v in asdict(cfg).items() if k not in RESOURCE_FIELDS}
     model = hashlib.sha256(io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))).hexdigest()
     pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
     init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""

