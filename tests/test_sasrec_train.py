@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -79,6 +80,10 @@ def _kill_rank1_once(marker):
 
         if epoch == 1 and ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
             open(marker, "w").close()
+            # Ray Train's controller registers a checkpoint when it polls the workers' reports; on a
+            # loaded machine a death within a second or two of epoch 0's report can pre-empt that,
+            # and training then rightly restarts from scratch. Die later, as real failures mostly do.
+            time.sleep(5)
             os._exit(1)  # a hard worker death, not a Python exception
 
     return on_epoch_end

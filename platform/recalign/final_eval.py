@@ -71,9 +71,10 @@ def _is_cached(run: RunSpec, name: str, key: str) -> bool:
 def _cached(run: RunSpec, name: str, key: str, compute: Callable[[], dict], log: Log) -> dict:
     """Per-system results under eval/systems/<name>.json, recomputed only when `key` changes."""
     uri = _system_uri(run, name)
-    if _is_cached(run, name, key):
+    cached = io.read_json(uri) if io.exists(uri) else {}
+    if cached.get("key") == key:
         log(f"[evaluate] {name}: cached")
-        return io.read_json(uri)
+        return cached
     log(f"[evaluate] {name}: scoring")
     result = {"key": key, **compute()}
     io.write_json(result, uri)

@@ -275,7 +275,7 @@ def restore(checkpoint, model, tb_dir: str | None) -> TrainState:
     if checkpoint is None:
         return TrainState()
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
 
     with checkpoint.as_directory() as ckpt_dir:
         weights = load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors"))
