@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from recalign import prompts
+from recalign import io, prompts
 from recalign.data.dataset import Dataset
 
 
@@ -67,8 +67,6 @@ def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     if adapter_path:
         from peft import PeftModel
-
-        from recalign import io
 
         with io.local_copy(adapter_path) as local:  # the adapter may sit in s3:// run storage
             model = PeftModel.from_pretrained(model, local).merge_and_unload()
