@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_examples(args, tokenizer, cfg):
     from recalign.align.loop import encode_pairs
-    from recalign.align.pairs import PreferenceExample, heuristic_pairs
+    from recalign.pairs.read import PreferenceExample, heuristic_pairs
     from recalign.data.dataset import DataConfig, prepare
     from recalign.prompts import PromptConfig
 

@@ -29,21 +29,21 @@ from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.align.policies import PoliciesConfig, policies_stage
-from recalign.baselines import prepare_stage, sasrec_stage
+from recalign.align.stage import PoliciesConfig, policies_stage
+from recalign.recsys.stage import prepare_stage, sasrec_stage
 from recalign.data.dataset import DataConfig
-from recalign.final_eval import FinalEvalConfig, evaluate_stage
-from recalign.models.ka_sasrec import KAConfig
-from recalign.models.sasrec import SASRecConfig
-from recalign.pairs import PairsConfig
+from recalign.evaluation.stage import FinalEvalConfig, evaluate_stage
+from recalign.recsys.ka_sasrec import KAConfig
+from recalign.recsys.sasrec import SASRecConfig
+from recalign.pairs.build import PairsConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.reward.stages import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
+from recalign.reward.stage import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
 from recalign.sampling import SampleConfig
 from recalign.sampling.pipeline import sample_stage
-from recalign.train.seqrec import SeqTrainConfig
+from recalign.recsys.train import SeqTrainConfig
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
 STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")

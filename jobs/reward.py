@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.models.ka_sasrec import KAConfig
-from recalign.models.sasrec import SASRecConfig
-from recalign.pairs import PairsConfig
+from recalign.recsys.ka_sasrec import KAConfig
+from recalign.recsys.sasrec import SASRecConfig
+from recalign.pairs.build import PairsConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.reward.stages import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
+from recalign.reward.stage import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
-from recalign.train.seqrec import SeqTrainConfig
+from recalign.recsys.train import SeqTrainConfig
 
 STAGES = ("embeddings", "reward_model", "rewards", "pairs")
 

@@ -19,9 +19,9 @@ from recalign.align.trainer import RESOURCE_FIELDS, AlignConfig
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
-from recalign.rerank.llm import RerankConfig, build_prompts
+from recalign.rerank.scorer import RerankConfig, build_prompts
 from recalign.runs import RunSpec
-from recalign.sweep import SweepConfig, TrialSpec, results_frame, run_sweep, validation_rows, write_results
+from recalign.align.sweep import SweepConfig, TrialSpec, results_frame, run_sweep, validation_rows, write_results
 
 
 @dataclass

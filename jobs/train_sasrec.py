@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.baselines import prepare_stage, sasrec_stage
+from recalign.recsys.stage import prepare_stage, sasrec_stage
 from recalign.data.dataset import DataConfig
-from recalign.models.sasrec import SASRecConfig
+from recalign.recsys.sasrec import SASRecConfig
 from recalign.runs import RunSpec
-from recalign.train.seqrec import SeqTrainConfig
+from recalign.recsys.train import SeqTrainConfig
 
 
 @dataclass

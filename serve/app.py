@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
-from recalign.rerank.llm import RerankConfig, load_policy
+from recalign.rerank.scorer import RerankConfig, load_policy
 from recalign.rerank.service import RequestError, RerankService
 
 

@@ -15,7 +15,7 @@ from recalign import io
 from recalign.data.dataset import DataConfig, Dataset, prepare
 from recalign.data.protocol import ProtocolConfig
 from recalign.prompts import PromptConfig, knowledge_messages
-from recalign.sampling.stage import SAMPLES_SCHEMA, part_name
+from recalign.sampling.actors import SAMPLES_SCHEMA, part_name
 
 GENRES = ["action", "adventure", "animation", "children's", "comedy", "crime", "documentary", "drama", "fantasy",
           "film-noir", "horror", "musical", "mystery", "romance", "sci-fi", "thriller", "war", "western", "unknown"]

@@ -33,8 +33,8 @@ def _grad_sync_loop(config):
 
     from recalign.align.logprobs import PolicyScorer, collate
     from recalign.align.loop import build_policy, encode_pairs, reference_logps
-    from recalign.align.pairs import load_pairs
-    from recalign.losses import preference_loss
+    from recalign.pairs.read import load_pairs
+    from recalign.align.losses import preference_loss
 
     rank = ray.train.get_context().get_world_rank()
     cfg: AlignConfig = config["cfg"]

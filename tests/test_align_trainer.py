@@ -9,7 +9,7 @@ from align_fixtures import TEST_PROMPTS, write_pairs
 from recalign import io
 from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
 from recalign.align.logprobs import PolicyScorer
-from recalign.align.pairs import PAIRS_SCHEMA, heuristic_pairs, load_pairs
+from recalign.pairs.read import PAIRS_SCHEMA, heuristic_pairs, load_pairs
 from recalign.align.trainer import AlignConfig
 
 SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
@@ -161,7 +161,7 @@ def test_init_adapter_and_policy_load_from_remote_run_storage(tiny_llama_dir, tm
     import pyarrow.fs as pafs
 
     from recalign.align.trainer import check_adapter
-    from recalign.rerank.llm import load_policy
+    from recalign.rerank.scorer import load_policy
 
     cfg = AlignConfig(seed=1, **SMALL)
     first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))

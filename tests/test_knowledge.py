@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import sampling_fakes
-from recalign.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
+from recalign.evaluation.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import EngineConfig
 
@@ -24,7 +24,7 @@ def fakes_by_value():
 
 def test_prompts_are_the_sampling_stages_for_the_same_users(ml100k_dir, tiny_llama_dir):
     from recalign.data.dataset import Dataset
-    from recalign.sampling.stage import PromptBuilder
+    from recalign.sampling.actors import PromptBuilder
 
     prompt = PromptConfig(max_history=5)
     users = np.array([40, 3, 17])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recalign.losses import LOSS_TYPES, preference_loss, reward_stats
+from recalign.align.losses import LOSS_TYPES, preference_loss, reward_stats
 
 
 def _softplus(x: float) -> float:

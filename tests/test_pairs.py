@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from recalign.data.dataset import Dataset
-from recalign.pairs import (PAIRS_SCHEMA, PairsConfig, knowledge_pairs, negative_positions, rerank_pairs,
+from recalign.pairs.build import (PAIRS_SCHEMA, PairsConfig, knowledge_pairs, negative_positions, rerank_pairs,
                             validate_pairs)
 from recalign.prompts import LETTERS
 

@@ -6,9 +6,9 @@ import os
 import pytest
 
 import pipeline
-from recalign.align.policies import PoliciesConfig, plan_policies
+from recalign.align.stage import PoliciesConfig, plan_policies
 from recalign.align.trainer import AlignConfig
-from recalign.sampling.stage import read_samples
+from recalign.sampling.actors import read_samples
 
 
 @pytest.mark.parametrize("preset", ["smoke", "demo", "full"])

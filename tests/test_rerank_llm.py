@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.rerank import llm
+from recalign.rerank import scorer as rerank
 
 
 def test_letter_ids_are_single_distinct_tokens(tiny_llama_dir):
-    _, tok = llm.load_policy(str(tiny_llama_dir))
-    ids = llm.letter_token_ids(tok, 20)
+    _, tok = rerank.load_policy(str(tiny_llama_dir))
+    ids = rerank.letter_token_ids(tok, 20)
     assert len(set(ids)) == 20
     assert tok.decode([ids[2]]) == "C"
 
@@ -19,16 +19,16 @@ def test_letter_ids_are_single_distinct_tokens(tiny_llama_dir):
 def test_scorer_matches_a_manual_forward(tiny_llama_dir, ml100k_dir):
     from recalign.data.dataset import Dataset
 
-    cfg = llm.RerankConfig(batch_size=2, max_new_tokens=3)
-    loader = functools.partial(llm.load_policy, str(tiny_llama_dir))
+    cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=3)
+    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir))
     model, tok = loader()
     data = Dataset(ml100k_dir)
-    texts = llm.build_prompts(data, "test", np.array([0, 1, 2]), tok, cfg)
+    texts = rerank.build_prompts(data, "test", np.array([0, 1, 2]), tok, cfg)
     assert all("labelled A to T" in t for t in texts)
-    scorer = llm.LetterScorer(loader, 20, cfg)
+    scorer = rerank.LetterScorer(loader, 20, cfg)
     out = scorer({"row": np.array([0, 1, 2]), "prompt": np.array(texts, dtype=object)})
     assert out["letter_logits"].shape == (3, 20) and len(out["answer"]) == 3
-    ids = llm.letter_token_ids(tok, 20)
+    ids = rerank.letter_token_ids(tok, 20)
     for i, text in enumerate(texts):  # unpadded single-prompt forward: the batch padding must not matter
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
@@ -41,12 +41,12 @@ def test_bfloat16_scorer_computes_letter_logits_in_float32(tiny_llama_dir, ml100
     LM head in float32, not rounded to bfloat16 (whose coarse steps would tie candidates)."""
     from recalign.data.dataset import Dataset
 
-    cfg = llm.RerankConfig(batch_size=2, max_new_tokens=2, dtype="bfloat16")
-    loader = functools.partial(llm.load_policy, str(tiny_llama_dir), None, "bfloat16")
+    cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2, dtype="bfloat16")
+    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir), None, "bfloat16")
     model, tok = loader()
-    texts = llm.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, cfg)
-    out = llm.LetterScorer(loader, 20, cfg)({"row": np.array([0, 1]), "prompt": np.array(texts, dtype=object)})
-    ids = llm.letter_token_ids(tok, 20)
+    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, cfg)
+    out = rerank.LetterScorer(loader, 20, cfg)({"row": np.array([0, 1]), "prompt": np.array(texts, dtype=object)})
+    ids = rerank.letter_token_ids(tok, 20)
     head = model.get_output_embeddings().weight[ids].float()
     for i, text in enumerate(texts):
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
@@ -63,7 +63,7 @@ def test_bfloat16_scorer_computes_letter_logits_in_float32(tiny_llama_dir, ml100
 def test_free_generation_metrics_by_hand():
     answers = ["B. Heat", "hmm", "A) Toy Story", "C"]
     target = np.array([1, 0, 1, 2])
-    m = llm.free_generation_metrics(answers, target, 3)
+    m = rerank.free_generation_metrics(answers, target, 3)
     assert m["valid_ratio"] == pytest.approx(0.75)
     assert m["hr@1_all_rows"] == pytest.approx(0.5)  # rows 0 and 3 hit
     assert m["hr@1_valid_rows"] == pytest.approx(2 / 3)
@@ -73,11 +73,11 @@ def test_free_generation_metrics_by_hand():
 def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir):
     from recalign.data.dataset import Dataset
 
-    cfg = llm.RerankConfig(batch_size=2, max_new_tokens=2)
-    loader = functools.partial(llm.load_policy, str(tiny_llama_dir))
+    cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2)
+    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir))
     _, tok = loader()
-    texts = llm.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, cfg)
-    logits, answers = llm.score_rows_with_ray(dict(enumerate(texts)), loader, 20, cfg)
+    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, cfg)
+    logits, answers = rerank.score_rows_with_ray(dict(enumerate(texts)), loader, 20, cfg)
     assert sorted(logits) == [0, 1, 2, 3, 4] and all(v.shape == (20,) for v in logits.values())
-    direct = llm.LetterScorer(loader, 20, cfg)({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})
+    direct = rerank.LetterScorer(loader, 20, cfg)({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})
     np.testing.assert_allclose(np.stack([logits[r] for r in range(5)]), direct["letter_logits"], rtol=1e-4, atol=1e-4)

@@ -34,8 +34,8 @@ def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
     from reward_tiny import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
 
     import reward as reward_job
-    from recalign.models.sasrec import SASRec, SASRecConfig
-    from recalign.train.seqrec import SASRecJobSpec, save_model
+    from recalign.recsys.sasrec import SASRec, SASRecConfig
+    from recalign.recsys.train import SASRecJobSpec, save_model
 
     root = tmp_path_factory.mktemp("leak")
     data_dir = make_tiny_dataset(root, sentinels=True)
@@ -107,7 +107,7 @@ def test_no_test_item_reaches_embeddings_rewards_or_pairs(sentinel_run):
 
 
 def test_hard_negatives_are_sasrecs_top_scored_non_targets(sentinel_run):
-    from recalign.train.seqrec import load_model, score_split
+    from recalign.recsys.train import load_model, score_split
 
     run, data, _, _ = sentinel_run
     split = data.split("train")
@@ -121,10 +121,10 @@ def test_hard_negatives_are_sasrecs_top_scored_non_targets(sentinel_run):
 
 
 def test_ka_training_batches_never_contain_test_or_valid_items(sentinel_run, tmp_path):
-    from recalign.models.ka_sasrec import KAConfig
-    from recalign.models.sasrec import SASRecConfig
-    from recalign.train.ka_train import KAJobSpec, fit_ka, knowledge_windows
-    from recalign.train.seqrec import SeqTrainConfig
+    from recalign.recsys.ka_sasrec import KAConfig
+    from recalign.recsys.sasrec import SASRecConfig
+    from recalign.recsys.ka_train import KAJobSpec, fit_ka, knowledge_windows
+    from recalign.recsys.train import SeqTrainConfig
 
     run, data, _, _ = sentinel_run
     test_item, valid_item = _sentinels(data)

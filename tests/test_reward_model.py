@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.models.ka_sasrec import KAConfig, KASASRec
-from recalign.models.sasrec import SASRecConfig
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.sasrec import SASRecConfig
 from recalign.reward.encoder import KnowledgeTable
-from recalign.train.ka_train import batch_knowledge, knowledge_windows, pick_samples, score_with_knowledge
+from recalign.recsys.ka_train import batch_knowledge, knowledge_windows, pick_samples, score_with_knowledge
 
 CFG = SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0, max_len=6)
 

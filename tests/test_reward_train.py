@@ -12,10 +12,10 @@ import torch
 
 from recalign import io
 from recalign.data.dataset import Dataset
-from recalign.models.ka_sasrec import KAConfig, KASASRec
-from recalign.models.sasrec import SASRecConfig
-from recalign.train.ka_train import KAJobSpec, fit_ka, load_ka_model
-from recalign.train.seqrec import SeqTrainConfig, seed_everything
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.sasrec import SASRecConfig
+from recalign.recsys.ka_train import KAJobSpec, fit_ka, load_ka_model
+from recalign.recsys.train import SeqTrainConfig, seed_everything
 
 pytestmark = pytest.mark.ray
 

@@ -11,8 +11,8 @@ import torch
 
 from recalign import metrics
 from recalign.data.dataset import Dataset
-from recalign.models.ka_sasrec import KAConfig, KASASRec
-from recalign.models.sasrec import SASRecConfig
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.sasrec import SASRecConfig
 from recalign.reward.encoder import KnowledgeTable
 from recalign.reward.rewards import (MIN_NDCG_GAP, RewardConfig, combine, compute_rewards, summarise_rewards,
                                      target_logp)

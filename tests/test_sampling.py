@@ -15,7 +15,7 @@ from recalign.config import ConfigError, load_config
 from recalign.prompts import PromptConfig
 from recalign.sampling import (SAMPLES_SCHEMA, EngineConfig, EngineError, PromptBuilder, SampleConfig, SamplerStage,
                                check_samples, read_samples, run_sampling, select_users)
-from recalign.sampling.stage import part_files, part_name
+from recalign.sampling.actors import part_files, part_name
 
 
 def _batch(users=(5, 2, 9)):

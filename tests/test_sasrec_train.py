@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.models.sasrec import SASRec, SASRecConfig, next_item_loss
-from recalign.train.seqrec import SASRecJobSpec, SeqTrainConfig, fit_sasrec, load_model, make_windows, score_split
+from recalign.recsys.sasrec import SASRec, SASRecConfig, next_item_loss
+from recalign.recsys.train import SASRecJobSpec, SeqTrainConfig, fit_sasrec, load_model, make_windows, score_split
 
 pytestmark = pytest.mark.ray
 

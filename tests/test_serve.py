@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recalign.data.dataset import Dataset
-from recalign.rerank.llm import RerankConfig, load_policy
+from recalign.rerank.scorer import RerankConfig, load_policy
 from recalign.rerank.service import RequestError, RerankService
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from align_fixtures import write_pairs
 from recalign.align.trainer import AlignConfig
-from recalign.sweep import (METRIC, SweepConfig, TrialSpec, letter_ranker_metrics, load_best, param_space,
+from recalign.align.sweep import (METRIC, SweepConfig, TrialSpec, letter_ranker_metrics, load_best, param_space,
                             results_frame, run_sweep, validation_rows, write_results)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ TWO_TRIALS = SweepConfig(loss_types=["dmpo", "sdpo"], betas=[0.5], num_negatives
 
 def _draw(cfg: SweepConfig) -> list[dict]:
     """The trial configs Tune's variant generator draws from the sweep's space, in order."""
-    from recalign.sweep import _seeded_search
+    from recalign.align.sweep import _seeded_search
 
     search = _seeded_search(cfg.seed)
     search.add_configurations({"t": {"run": lambda config: None, "config": param_space(cfg),
@@ -110,7 +110,7 @@ def sweep_inputs(ml100k_dir, tiny_llama_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from recalign.data.dataset import Dataset
-    from recalign.rerank.llm import RerankConfig, build_prompts
+    from recalign.rerank.scorer import RerankConfig, build_prompts
 
     pairs = write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=4,
                         num_negatives=1, paths=("rerank",))

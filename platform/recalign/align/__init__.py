@@ -4,5 +4,5 @@
 - `logprobs`: tokenisation of prompt + 1 + K completions and the shared-prompt summed log-probs.
 - `trainer`: AlignConfig, the driver `train_policy` and the skip-if-done `policy_stage`.
 - `loop`: the per-worker Ray Train loop.
-The losses themselves are in `recalign.losses`.
+The losses themselves are in `recalign.align.losses`.
 """

@@ -28,7 +28,7 @@ import torch
 from recalign import io
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.trainer import AlignConfig, AlignSpec
-from recalign.losses import preference_loss, reward_stats
+from recalign.align.losses import preference_loss, reward_stats
 
 SFT, PREFERENCE = "sft", "preference"
 
@@ -92,7 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    from recalign.align.pairs import load_pairs
+    from recalign.pairs.read import load_pairs
 
     spec: AlignSpec = config["spec"]
     hooks = config.get("hooks") or []

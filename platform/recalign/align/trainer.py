@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from recalign import io
-from recalign.losses import LOSS_TYPES
+from recalign.align.losses import LOSS_TYPES
 
 Log = Callable[[str], None]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -136,8 +136,8 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     metrics.json (summary and per-step history) and tensorboard/.
     """
     from recalign.align.loop import train_loop
-    from recalign.align.pairs import load_pairs
-    from recalign.train.ray_fit import fit_torch_trainer
+    from recalign.pairs.read import load_pairs
+    from recalign.distributed import fit_torch_trainer
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path}: not a Hugging Face model folder (config.json missing)")

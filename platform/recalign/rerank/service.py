@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from recalign import prompts
-from recalign.rerank.llm import LetterScorer, RerankConfig
+from recalign.rerank.scorer import LetterScorer, RerankConfig
 
 
 class RequestError(ValueError):

@@ -21,9 +21,9 @@ import torch
 
 from recalign import metrics
 from recalign.data.dataset import Dataset
-from recalign.models.ka_sasrec import KASASRec
+from recalign.recsys.ka_sasrec import KASASRec
 from recalign.reward.encoder import KnowledgeTable
-from recalign.train.ka_train import score_with_knowledge
+from recalign.recsys.ka_train import score_with_knowledge
 
 REWARD_K = 10
 # Smallest difference between NDCG@10 values of two adjacent ranks (ranks 10 and 9).

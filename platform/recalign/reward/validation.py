@@ -19,12 +19,12 @@ import numpy as np
 
 from recalign import metrics
 from recalign.data.dataset import Dataset
-from recalign.evaluation import EvalConfig, summarise
-from recalign.models.ka_sasrec import KASASRec
-from recalign.models.sasrec import SASRec
+from recalign.evaluation.summary import EvalConfig, summarise
+from recalign.recsys.ka_sasrec import KASASRec
+from recalign.recsys.sasrec import SASRec
 from recalign.reward.encoder import KnowledgeTable
-from recalign.train.ka_train import score_with_knowledge
-from recalign.train.seqrec import score_split
+from recalign.recsys.ka_train import score_with_knowledge
+from recalign.recsys.train import score_split
 
 
 @dataclass

@@ -29,7 +29,7 @@ from recalign.config import fingerprint
 from recalign.data.protocol import SPLITS
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import Engine, EngineConfig, make_engine
-from recalign.sampling.stage import PromptBuilder, SamplerStage, check_samples, read_samples, samples_per_user
+from recalign.sampling.actors import PromptBuilder, SamplerStage, check_samples, read_samples, samples_per_user
 
 MAX_SAMPLES = 16
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from recalign import io
-from recalign.pairs import PAIRS_SCHEMA, PATHS
+from recalign.pairs.build import PAIRS_SCHEMA, PATHS
 
 REQUIRED = ("user_idx", "path", "prompt", "chosen", "rejected")
 

@@ -23,15 +23,15 @@ import pyarrow.compute as pc
 from recalign import io, stage
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.evaluation import markdown_table
-from recalign.models.ka_sasrec import KAConfig
-from recalign.models.sasrec import SASRecConfig
-from recalign.pairs import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
+from recalign.evaluation.summary import markdown_table
+from recalign.recsys.ka_sasrec import KAConfig
+from recalign.recsys.sasrec import SASRecConfig
+from recalign.pairs.build import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
 from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table, resolve_encoder
 from recalign.reward.rewards import RewardConfig, compute_rewards, summarise_rewards
 from recalign.reward.validation import CompareConfig, compare_on_valid
 from recalign.runs import RunSpec
-from recalign.train.seqrec import SeqTrainConfig
+from recalign.recsys.train import SeqTrainConfig
 
 Log = Callable[[str], None]
 SAMPLE_COLUMNS = ("user_idx", "split", "sample_idx", "prompt", "response")
@@ -41,7 +41,7 @@ INFRA_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "chec
 
 def load_samples(samples_dir: str) -> pa.Table:
     """The sampling stage's rows for `train` prompts (other splits are never used for rewards or pairs)."""
-    from recalign.sampling.stage import read_samples
+    from recalign.sampling.actors import read_samples
 
     if not io.exists(io.join(samples_dir, "meta.json")):
         raise FileNotFoundError(f"{samples_dir}: no meta.json; the sampling stage has not finished (jobs/sample.py)")
@@ -101,8 +101,8 @@ def _train_key(cfg: SeqTrainConfig) -> dict:
 def reward_model_stage(run: RunSpec, model_cfg: SASRecConfig, ka_cfg: KAConfig, train_cfg: SeqTrainConfig,
                        compare_cfg: CompareConfig, log: Log = print, force: bool = False) -> dict:
     """Train KA-SASRec (and the plain control) under Ray Train; compare them on validation."""
-    from recalign.train.ka_train import KAJobSpec, fit_ka, load_ka_model
-    from recalign.train.seqrec import load_model
+    from recalign.recsys.ka_train import KAJobSpec, fit_ka, load_ka_model
+    from recalign.recsys.train import load_model
 
     baseline_dir = run.dir("baselines", "sasrec")
     has_baseline = io.exists(io.join(baseline_dir, "model.pt"))
@@ -140,7 +140,7 @@ def reward_model_stage(run: RunSpec, model_cfg: SASRecConfig, ka_cfg: KAConfig, 
 
 def rewards_stage(run: RunSpec, cfg: RewardConfig, log: Log = print, force: bool = False) -> dict:
     """Score every (user, sample) on the user's train target with the KA model."""
-    from recalign.train.ka_train import load_ka_model
+    from recalign.recsys.ka_train import load_ka_model
 
     key = fingerprint({"reward_model": input_key(run.dir("reward_model")),
                        "embeddings": input_key(run.dir("embeddings")), "cfg": to_dict(cfg)})
@@ -199,7 +199,7 @@ def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> t
         return knowledge_pairs(load_samples(run.dir("samples")), rewards, cfg)
     from transformers import AutoTokenizer
 
-    from recalign.train.seqrec import load_model, score_split
+    from recalign.recsys.train import load_model, score_split
 
     data = Dataset(run.dir("data"))
     scores = None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from recalign import io, metrics
-from recalign.models.sasrec import SASRec, SASRecConfig, next_item_loss
+from recalign.recsys.sasrec import SASRec, SASRecConfig, next_item_loss
 
 
 @dataclass
@@ -242,7 +242,7 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: 
                 run_name: str, what: str) -> tuple[dict, dict[str, Any]]:
     """Fit a sequential recommender's per-worker `loop` under a TorchTrainer (DDP, a checkpoint per epoch,
     worker-group restarts); returns (best weights, final report) from the last checkpoint's state.pt."""
-    from recalign.train.ray_fit import fit_torch_trainer
+    from recalign.distributed import fit_torch_trainer
 
     result = fit_torch_trainer(loop, loop_config, cfg, storage_path, run_name, f"{what} training")
     with result.checkpoint.as_directory() as ckpt_dir:

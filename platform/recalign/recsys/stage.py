@@ -13,10 +13,10 @@ import numpy as np
 from recalign import io, stage
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import DataConfig, SplitArrays, prepare
-from recalign.evaluation import markdown_table
-from recalign.models.sasrec import SASRecConfig
+from recalign.evaluation.summary import markdown_table
+from recalign.recsys.sasrec import SASRecConfig
 from recalign.runs import RunSpec
-from recalign.train.seqrec import SASRecJobSpec, SeqTrainConfig, fit_sasrec, load_model, score_split
+from recalign.recsys.train import SASRecJobSpec, SeqTrainConfig, fit_sasrec, load_model, score_split
 
 Log = Callable[[str], None]
 

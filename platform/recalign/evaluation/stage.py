@@ -22,9 +22,9 @@ import numpy as np
 from recalign import io, metrics
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.evaluation import EvalConfig, baseline_systems, summarise
-from recalign.knowledge import KnowledgeGenConfig
-from recalign.rerank.llm import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
+from recalign.evaluation.summary import EvalConfig, baseline_systems, summarise
+from recalign.evaluation.knowledge import KnowledgeGenConfig
+from recalign.rerank.scorer import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
 from recalign.runs import RunSpec
 from recalign.sampling.engines import EngineConfig
 
@@ -125,7 +125,7 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
                  knowledge_policies: list[Policy], engine: EngineConfig | None = None, log: Log = print) -> dict:
     """Score every system, write eval/metrics.{json,md} and eval/metrics.png; returns the summary."""
     from recalign import stage
-    from recalign.baselines import sasrec_scores, write_report
+    from recalign.recsys.stage import sasrec_scores, write_report
 
     data = Dataset(run.dir("data"))
     split = data.split(cfg.eval.split)
@@ -164,9 +164,9 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
 
 
 def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, base_key, log) -> dict:
-    from recalign.knowledge import generate_analyses, knowledge_prompts, knowledge_vectors
-    from recalign.reward.stages import input_key
-    from recalign.train.ka_train import load_ka_model, score_with_knowledge
+    from recalign.evaluation.knowledge import generate_analyses, knowledge_prompts, knowledge_vectors
+    from recalign.reward.stage import input_key
+    from recalign.recsys.ka_train import load_ka_model, score_with_knowledge
 
     ka_dir = run.dir("reward_model", "ka")
     ka = load_ka_model(ka_dir)

@@ -1,6 +1,6 @@
 """Knowledge-augmented SASRec under Ray Train: the reward model of RLRF4Rec.
 
-Same machinery as `recalign.train.seqrec` (DDP, sharded validation, parameter-divergence check, a
+Same machinery as `recalign.recsys.train` (DDP, sharded validation, parameter-divergence check, a
 checkpoint with the best-so-far weights every epoch, resume, early stopping), with knowledge:
 
 - Training data = each user's train sequence minus its last item. That item is the `train`
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from recalign import io, metrics
-from recalign.models.ka_sasrec import KAConfig, KASASRec
-from recalign.models.sasrec import SASRecConfig, next_item_loss
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.sasrec import SASRecConfig, next_item_loss
 from recalign.reward.encoder import KnowledgeTable, knowledge_table
-from recalign.train.seqrec import (SeqTrainConfig, end_epoch, make_windows, param_divergence, restore_state,
+from recalign.recsys.train import (SeqTrainConfig, end_epoch, make_windows, param_divergence, restore_state,
                                    run_trainer, seed_everything, sharded_mean)
 
 

@@ -61,7 +61,7 @@ def knowledge_prompts(data_dir: str, split: str, users: np.ndarray, model_path: 
                       prompt: PromptConfig) -> list[str]:
     """The sampling stage's knowledge prompt for each user (in `users` order), built from `split`'s history."""
     from recalign.data.dataset import Dataset
-    from recalign.sampling.stage import PromptBuilder
+    from recalign.sampling.actors import PromptBuilder
 
     examples = Dataset(data_dir).examples(split)
     position = {u: i for i, u in enumerate(examples["user_idx"].to_pylist())}
@@ -101,7 +101,7 @@ def merged_engine(engine: EngineConfig, model_path: str, seed: int, adapter: str
     import shutil
     import tempfile
 
-    from recalign.rerank.llm import load_policy
+    from recalign.rerank.scorer import load_policy
 
     if not adapter:
         return make_engine(engine, model_path, seed)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from recalign import io, metrics
 from recalign.align.trainer import AlignConfig
-from recalign.rerank.llm import LetterScorer, RerankConfig, load_policy
+from recalign.rerank.scorer import LetterScorer, RerankConfig, load_policy
 
 METRIC = "valid_ndcg@10"
 

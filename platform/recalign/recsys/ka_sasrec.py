@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recalign.models.sasrec import SASRec, SASRecConfig
+from recalign.recsys.sasrec import SASRec, SASRecConfig
 
 
 @dataclass

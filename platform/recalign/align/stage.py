@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from recalign.align.trainer import AlignConfig, policy_stage
-from recalign.losses import LOSS_TYPES
-from recalign.pairs import PATHS
+from recalign.align.losses import LOSS_TYPES
+from recalign.pairs.build import PATHS
 
 
 def _rerank_default() -> AlignConfig:
@@ -68,7 +68,7 @@ def policies_stage(run, cfg: PoliciesConfig, model_path: str, log: Callable[[str
 
     sweep_best = None
     if cfg.from_sweep:
-        from recalign.sweep import load_best
+        from recalign.align.sweep import load_best
 
         sweep_best = load_best(run.dir("sweep"))
         log(f"[align] from the sweep: beta={sweep_best.beta:g}, num_negatives={sweep_best.num_negatives}")

@@ -1,0 +1,1 @@
+"""The final evaluation of every system on the test split (stage), its statistics and its reports."""

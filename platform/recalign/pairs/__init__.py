@@ -1,0 +1,1 @@
+"""Preference pairs: building them from rewards and data, reading them for training."""
