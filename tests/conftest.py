@@ -19,7 +19,7 @@ def ray_local():
 
     # Ray workers unpickle test functions by module name: give them the same import path.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [os.path.join(repo, p) for p in ("tests", "platform", "jobs")]
+    paths = [repo] + [os.path.join(repo, p) for p in ("platform", "jobs")]
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([saved] if saved else []))
     try:

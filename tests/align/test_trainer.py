@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from align_fixtures import write_pairs
+from tests.helpers.pairs import write_pairs
 from recalign.align.trainer import AlignConfig, CrashOnce, train_policy
 
 pytestmark = pytest.mark.ray

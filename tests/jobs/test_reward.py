@@ -31,7 +31,7 @@ SMALL = ["model.hidden_size=16", "model.num_layers=1", "model.max_len=8", "ka.ad
 @pytest.fixture(scope="module")
 def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
     """A run dir with sentinel data, train + test samples, a SASRec baseline; then the whole reward job."""
-    from reward_tiny import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
+    from tests.helpers.reward import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
 
     import reward as reward_job
     from recalign.recsys.sasrec import SASRec, SASRecConfig
@@ -59,7 +59,7 @@ def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
 
 
 def _sentinels(data: Dataset) -> tuple[int, int]:
-    from reward_tiny import SENTINEL_TEST, SENTINEL_VALID
+    from tests.helpers.reward import SENTINEL_TEST, SENTINEL_VALID
 
     titles = data.items["title"]
     test_item = int(titles.index[titles == SENTINEL_TEST][0])

@@ -15,7 +15,7 @@ from recalign.reward.encoder import (EmbedBatch, EncoderConfig, default_encoder_
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
-    from reward_tiny import save_tiny_bert
+    from tests.helpers.reward import save_tiny_bert
 
     return str(save_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
 

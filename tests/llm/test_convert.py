@@ -15,7 +15,7 @@ from recalign.llm.convert import MARKER
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from tiny_gguf import save_tiny_gguf
+    from tests.helpers.gguf import save_tiny_gguf
 
     return save_tiny_gguf(tmp_path_factory.mktemp("gguf") / "Tiny-Llama.F32.gguf")
 

@@ -25,7 +25,7 @@ KA = KAConfig(adaptor_hidden=8, knowledge_dropout=0.2)
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory):
-    from reward_tiny import make_tiny_dataset
+    from tests.helpers.reward import make_tiny_dataset
 
     root = tmp_path_factory.mktemp("ka-train")
     data_dir = make_tiny_dataset(root)

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align_fixtures import write_pairs
+from tests.helpers.pairs import write_pairs
 from recalign.align.trainer import AlignConfig
 from recalign.align.sweep import (METRIC, SweepConfig, TrialSpec, letter_ranker_metrics, load_best, param_space,
                             results_frame, run_sweep, validation_rows, write_results)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 # 4 examples, batch 2, 1 worker: 2 optimizer steps per epoch, so rung r ends at step 2r.
 SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=32, lr=5e-3,
              batch_size=2, num_workers=1, checkpoint_every=50, max_failures=0)

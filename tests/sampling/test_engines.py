@@ -15,7 +15,7 @@ import pytest
 
 from recalign.sampling.engines import EngineConfig, EngineError, HFEngine, check_model_dir, check_resources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 PROMPTS = [
     "<|im_start|>user\nThe user enjoys dramas<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nGenres: Action, Adventure, Animation, Comedy, Crime, Drama, Thriller<|im_end|>\n"

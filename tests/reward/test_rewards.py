@@ -41,7 +41,7 @@ def test_tie_break_orders_by_ndcg_first_then_probability():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from reward_tiny import make_tiny_dataset
+    from tests.helpers.reward import make_tiny_dataset
 
     data = Dataset(make_tiny_dataset(tmp_path_factory.mktemp("rewards")))
     torch.manual_seed(0)

@@ -79,7 +79,7 @@ def test_negative_positions_hard_and_random():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from reward_tiny import make_tiny_dataset
+    from tests.helpers.reward import make_tiny_dataset
 
     return Dataset(make_tiny_dataset(tmp_path_factory.mktemp("pairs")))
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from align_fixtures import TEST_PROMPTS, write_pairs
+from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 from recalign import io
 from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
 from recalign.align.logprobs import PolicyScorer

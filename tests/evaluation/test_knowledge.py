@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import sampling_fakes
+from tests.helpers import fakes as sampling_fakes
 from recalign.evaluation.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import EngineConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import sampling_fakes
+from tests.helpers import fakes as sampling_fakes
 from recalign import io
 from recalign.config import ConfigError, load_config
 from recalign.prompts import PromptConfig

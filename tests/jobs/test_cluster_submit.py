@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 

@@ -9,7 +9,7 @@ import pytest
 from recalign.config import load_config
 from recalign.sampling import check_samples, read_samples
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def test_shipped_sample_yaml_loads():
