@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_examples(args, tokenizer, cfg):
     from recalign.align.loop import encode_pairs
-    from recalign.pairs.read import PreferenceExample, heuristic_pairs
+    from recalign.pairs.heuristic import heuristic_pairs
+    from recalign.pairs.read import PreferenceExample
     from recalign.data.dataset import DataConfig, prepare
     from recalign.prompts import PromptConfig
 
@@ -83,7 +84,7 @@ def our_step(model, optimizer, trainable, examples, k: int, mode: str, pad_id: i
 
     from recalign.align.logprobs import PolicyScorer
     from recalign.align.loop import train_step
-    from recalign.align.trainer import AlignConfig
+    from recalign.align.config import AlignConfig
 
     cfg = AlignConfig(loss_type="sdpo", num_negatives=k, prompt_sharing=mode)
     trimmed = [dataclasses.replace(e, completion_ids=e.completion_ids[:k + 1]) for e in examples]
@@ -113,7 +114,7 @@ def trl_runner(args, examples, tokenizer):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from recalign.align.trainer import AlignConfig
+    from recalign.align.config import AlignConfig
 
     cfg = AlignConfig(lora_dropout=args.lora_dropout)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from recalign.align.loop import build_policy
-    from recalign.align.trainer import AlignConfig
+    from recalign.align.config import AlignConfig
 
     args = parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]

@@ -47,7 +47,8 @@ def parse_engine(spec: str) -> tuple[str, dict]:
 def build_prompts(data_dir: str, model_path: str, num_users: int, seed: int) -> list[str]:
     from recalign.data.dataset import DataConfig, Dataset, prepare
     from recalign.prompts import PromptConfig
-    from recalign.sampling import PromptBuilder, select_users
+    from recalign.sampling.actors import PromptBuilder
+    from recalign.sampling.pipeline import select_users
 
     prepare(DataConfig(), data_dir)
     examples = select_users(Dataset(data_dir).examples("train"), num_users, seed)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
-from recalign.evaluation.stage import FinalEvalConfig, evaluate_stage
+from recalign.evaluation.config import FinalEvalConfig
+from recalign.evaluation.stage import evaluate_stage
 from recalign.prompts import PromptConfig
 from recalign.runs import RunSpec
 from recalign.sampling.engines import EngineConfig

@@ -29,20 +29,24 @@ from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.align.stage import PoliciesConfig, policies_stage
-from recalign.recsys.stage import prepare_stage, sasrec_stage
+from recalign.align.config import PoliciesConfig
+from recalign.align.stage import policies_stage
 from recalign.data.dataset import DataConfig
-from recalign.evaluation.stage import FinalEvalConfig, evaluate_stage
+from recalign.data.stage import prepare_stage
+from recalign.evaluation.config import FinalEvalConfig
+from recalign.evaluation.stage import evaluate_stage
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.sasrec import SASRecConfig
 from recalign.pairs.build import PairsConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.reward.stage import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
+from recalign.pairs.stage import pairs_stage
+from recalign.recsys.stage import sasrec_stage
+from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
-from recalign.sampling import SampleConfig
-from recalign.sampling.pipeline import sample_stage
+from recalign.sampling.config import SampleConfig
+from recalign.sampling.stage import sample_stage
 from recalign.recsys.train import SeqTrainConfig
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
@@ -103,7 +107,7 @@ def run_stages(cfg: PipelineJob, log) -> dict:
     if "data" in todo:
         out["data"] = prepare_stage(run, cfg.data, log, "data" in force)
     if "sasrec" in todo:
-        out["sasrec"] = sasrec_stage(run, cfg.data, cfg.sasrec, cfg.sasrec_train, log, "sasrec" in force)
+        out["sasrec"] = sasrec_stage(run, cfg.sasrec, cfg.sasrec_train, log, "sasrec" in force)
     if "sample" in todo:
         out["sample"] = sample_stage(run, cfg.sample, log, "sample" in force)
     if "embeddings" in todo:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from launch import parse_args
 
-from recalign.recsys.stage import prepare_stage
+from recalign.data.stage import prepare_stage
 from recalign.data.dataset import DataConfig
 from recalign.runs import RunSpec
 

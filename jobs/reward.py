@@ -19,7 +19,8 @@ from recalign.recsys.sasrec import SASRecConfig
 from recalign.pairs.build import PairsConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.reward.stage import embeddings_stage, pairs_stage, reward_model_stage, rewards_stage
+from recalign.pairs.stage import pairs_stage
+from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
 from recalign.recsys.train import SeqTrainConfig

@@ -14,7 +14,8 @@ from launch import RayConfig, parse_args, ray_session
 
 from recalign.data.dataset import DataConfig, prepare
 from recalign.runs import RunSpec
-from recalign.sampling import SampleConfig, run_sampling
+from recalign.sampling.config import SampleConfig
+from recalign.sampling.pipeline import run_sampling
 
 
 @dataclass

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
-from recalign.align.trainer import RESOURCE_FIELDS, AlignConfig
+from recalign.align.config import AlignConfig, SweepConfig
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
 from recalign.rerank.scorer import RerankConfig, build_prompts
-from recalign.runs import RunSpec
-from recalign.align.sweep import SweepConfig, TrialSpec, results_frame, run_sweep, validation_rows, write_results
+from recalign.runs import RunSpec, learning_key
+from recalign.align.sweep import TrialSpec, results_frame, run_sweep, validation_rows, write_results
 
 
 @dataclass
@@ -77,7 +77,7 @@ def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) 
     tolerance are left out, so changing them continues an interrupted sweep instead of starting anew
     (a restored sweep keeps the concurrency it was started with: Tune stores its TuneConfig)."""
     sweep = {k: v for k, v in to_dict(cfg.sweep).items() if k != "max_concurrent"}
-    align = {k: v for k, v in to_dict(cfg.align).items() if k not in RESOURCE_FIELDS}
+    align = learning_key(cfg.align)
     return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": to_dict(cfg.rerank),
                                    "model": model_path, "pairs": pairs_hash})
 

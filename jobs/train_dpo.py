@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
-from recalign.pairs.read import PATHS, heuristic_pairs
-from recalign.align.trainer import AlignConfig, policy_stage
+from recalign.align.config import AlignConfig
+from recalign.align.stage import policy_stage
+from recalign.pairs.build import PATHS
+from recalign.pairs.heuristic import heuristic_pairs
 from recalign.data.dataset import DataConfig
 from recalign.align.losses import LOSS_TYPES
 from recalign.prompts import PromptConfig
@@ -59,7 +61,7 @@ def pairs_uris(cfg: TrainDPOJob) -> list[str]:
 def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str], model_path: str) -> None:
     from transformers import AutoTokenizer
 
-    from recalign.recsys.stage import prepare_stage
+    from recalign.data.stage import prepare_stage
 
     prepare_stage(cfg.run, cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

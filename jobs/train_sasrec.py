@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.recsys.stage import prepare_stage, sasrec_stage
+from recalign.data.stage import prepare_stage
+from recalign.recsys.stage import sasrec_stage
 from recalign.data.dataset import DataConfig
 from recalign.recsys.sasrec import SASRecConfig
 from recalign.runs import RunSpec
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(TrainSASRecJob, argv)
     prepare_stage(cfg.run, cfg.data)
     with ray_session(cfg.ray):
-        return sasrec_stage(cfg.run, cfg.data, cfg.model, cfg.train)
+        return sasrec_stage(cfg.run, cfg.model, cfg.train)
 
 
 if __name__ == "__main__":

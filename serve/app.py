@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse
 
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
-from recalign.rerank.scorer import RerankConfig, load_policy
+from recalign.llm.policy import load_policy
+from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import RequestError, RerankService
 
 

@@ -1,10 +1,34 @@
-"""Where a run's artifacts live: `<root>/<name>/<stage>/...` on any pyarrow filesystem."""
+"""Run storage and the plumbing every pipeline stage shares.
+
+- `RunSpec`: where a run's artifacts live, `<root>/<name>/<stage>/...` on any pyarrow filesystem.
+- Skip-if-unchanged stages (`run_stage`): a stage's output dir holds `_stage.json` once the stage
+  finished, with the fingerprint of everything its output depends on (its config and the
+  fingerprints of its inputs). A re-run with the same fingerprint skips the stage; a changed config
+  reruns it; a crash before the marker means the stage reruns (its writes are atomic, and its Ray
+  Train runs resume from their own checkpoints).
+- Fingerprint keys: `learning_key` drops the settings that change where or how fast a stage runs,
+  not what it makes (`INFRA_KEYS`); `input_key` is the fingerprint of an upstream stage's output.
+- `slug`: a system or policy name as a file or run name. `Log`: what every stage logs with.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import re
+import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from recalign import io
+
+Log = Callable[[str], None]
+MARKER = "_stage.json"
+# Config fields that change where, how fast or how safely a stage runs, not what it makes. They are left
+# out of fingerprints, so changing them (more workers, another GPU, fewer kept checkpoints) reruns nothing.
+INFRA_KEYS = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep",
+                        "save_total_limit", "save_steps", "eval_batch_size"})
 
 
 @dataclass
@@ -17,10 +41,67 @@ class RunSpec:
             raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
 
     def dir(self, *parts: str) -> str:
-        return io.join(self.root if "://" in self.root else _abs(self.root), self.name, *parts)
+        return io.join(self.root if "://" in self.root else os.path.abspath(self.root), self.name, *parts)
 
 
-def _abs(path: str) -> str:
-    import os
+def done(out_dir: str, key: str) -> dict[str, Any] | None:
+    """The stored summary if the stage finished with this fingerprint, else None."""
+    uri = io.join(out_dir, MARKER)
+    if not io.exists(uri):
+        return None
+    marker = io.read_json(uri)
+    return marker.get("summary", {}) if marker.get("fingerprint") == key else None
 
-    return os.path.abspath(path)
+
+def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]], log: Log = print,
+              force: bool = False) -> dict[str, Any]:
+    """Run `fn` unless `out_dir` already holds its output for fingerprint `key`."""
+    if not force:
+        summary = done(out_dir, key)
+        if summary is not None:
+            log(f"[{name}] up to date ({key}), skipped")
+            return summary
+    log(f"[{name}] running ({key})")
+    start = time.time()
+    uri = io.join(out_dir, MARKER)
+    if io.exists(uri):
+        io.delete(uri)  # stale marker: the outputs are about to change
+    summary = fn() or {}
+    seconds = time.time() - start
+    io.write_json({"stage": name, "fingerprint": key, "seconds": seconds, "summary": summary}, uri)
+    log(f"[{name}] done in {seconds:.0f}s")
+    return summary
+
+
+def fingerprint_of(out_dir: str) -> str:
+    """The fingerprint a finished stage recorded; downstream stages fold it into their own."""
+    uri = io.join(out_dir, MARKER)
+    if not io.exists(uri):
+        raise FileNotFoundError(f"{out_dir}: stage output missing or unfinished (no {MARKER}); run that stage first")
+    return io.read_json(uri)["fingerprint"]
+
+
+def input_key(out_dir: str) -> str:
+    """Fingerprint of an upstream output: its marker when it has one, else its files' names, sizes and
+    mtimes (an output written by hand or by a standalone job)."""
+    if io.exists(io.join(out_dir, MARKER)):
+        return fingerprint_of(out_dir)
+    import pyarrow.fs as pafs
+
+    fs, path = io.resolve(out_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise FileNotFoundError(f"{out_dir}: empty or missing; run the stage that writes it first")
+    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+
+
+def learning_key(cfg: Any) -> dict[str, Any]:
+    """A config as a dict without its INFRA_KEYS (nested configs included): what fingerprints hash."""
+    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return {k: learning_key(v) if isinstance(v, dict) else v for k, v in values.items() if k not in INFRA_KEYS}
+
+
+def slug(name: str) -> str:
+    """A system or policy name as a file or run name: 'llm sft+dpo' -> 'llm_sft-dpo', 'rerank/sft' -> 'rerank_sft'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("+", "-")).strip("_")

@@ -9,8 +9,10 @@ from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 from recalign import io
 from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
 from recalign.align.logprobs import PolicyScorer
-from recalign.pairs.read import PAIRS_SCHEMA, heuristic_pairs, load_pairs
-from recalign.align.trainer import AlignConfig
+from recalign.pairs.build import PAIRS_SCHEMA
+from recalign.pairs.heuristic import heuristic_pairs
+from recalign.pairs.read import load_pairs
+from recalign.align.config import AlignConfig
 
 SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
              target_modules=["q_proj", "v_proj", "up_proj"], lr=1e-2, num_workers=1)
@@ -161,7 +163,7 @@ def test_init_adapter_and_policy_load_from_remote_run_storage(tiny_llama_dir, tm
     import pyarrow.fs as pafs
 
     from recalign.align.trainer import check_adapter
-    from recalign.rerank.scorer import load_policy
+    from recalign.llm.policy import load_policy
 
     cfg = AlignConfig(seed=1, **SMALL)
     first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from tests.helpers.pairs import write_pairs
-from recalign.align.trainer import AlignConfig
-from recalign.align.sweep import (METRIC, SweepConfig, TrialSpec, letter_ranker_metrics, load_best, param_space,
+from recalign.align.config import AlignConfig, SweepConfig
+from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space,
                             results_frame, run_sweep, validation_rows, write_results)
 
 from tests.helpers import REPO

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.helpers.pairs import write_pairs
-from recalign.align.trainer import AlignConfig, CrashOnce, train_policy
+from recalign.align.config import AlignConfig
+from recalign.align.trainer import CrashOnce, train_policy
 
 pytestmark = pytest.mark.ray
 

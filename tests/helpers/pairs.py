@@ -16,7 +16,7 @@ def write_pairs(data_dir: str, model_dir: str, out_dir: str, num_users: int = 12
     """pairs/<path>.parquet files (recalign.pairs.PAIRS_SCHEMA) under out_dir; returns their paths."""
     from transformers import AutoTokenizer
 
-    from recalign.pairs.read import heuristic_pairs
+    from recalign.pairs.heuristic import heuristic_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     uris = []

@@ -6,8 +6,8 @@ import os
 import pytest
 
 import pipeline
-from recalign.align.stage import PoliciesConfig, plan_policies
-from recalign.align.trainer import AlignConfig
+from recalign.align.config import AlignConfig, PoliciesConfig
+from recalign.align.stage import plan_policies
 from recalign.sampling.actors import read_samples
 
 

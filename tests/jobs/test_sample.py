@@ -7,7 +7,7 @@ import os
 import pytest
 
 from recalign.config import load_config
-from recalign.sampling import check_samples, read_samples
+from recalign.sampling.actors import check_samples, read_samples
 
 from tests.helpers import REPO
 

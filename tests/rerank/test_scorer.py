@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from recalign.llm.policy import load_policy
 from recalign.rerank import scorer as rerank
 
 
 def test_letter_ids_are_single_distinct_tokens(tiny_llama_dir):
-    _, tok = rerank.load_policy(str(tiny_llama_dir))
+    _, tok = load_policy(str(tiny_llama_dir))
     ids = rerank.letter_token_ids(tok, 20)
     assert len(set(ids)) == 20
     assert tok.decode([ids[2]]) == "C"
@@ -20,7 +21,7 @@ def test_scorer_matches_a_manual_forward(tiny_llama_dir, ml100k_dir):
     from recalign.data.dataset import Dataset
 
     cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=3)
-    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir))
+    loader = functools.partial(load_policy, str(tiny_llama_dir))
     model, tok = loader()
     data = Dataset(ml100k_dir)
     texts = rerank.build_prompts(data, "test", np.array([0, 1, 2]), tok, cfg)
@@ -42,7 +43,7 @@ def test_bfloat16_scorer_computes_letter_logits_in_float32(tiny_llama_dir, ml100
     from recalign.data.dataset import Dataset
 
     cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2, dtype="bfloat16")
-    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir), None, "bfloat16")
+    loader = functools.partial(load_policy, str(tiny_llama_dir), None, "bfloat16")
     model, tok = loader()
     texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, cfg)
     out = rerank.LetterScorer(loader, 20, cfg)({"row": np.array([0, 1]), "prompt": np.array(texts, dtype=object)})
@@ -74,7 +75,7 @@ def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir):
     from recalign.data.dataset import Dataset
 
     cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2)
-    loader = functools.partial(rerank.load_policy, str(tiny_llama_dir))
+    loader = functools.partial(load_policy, str(tiny_llama_dir))
     _, tok = loader()
     texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, cfg)
     logits, answers = rerank.score_rows_with_ray(dict(enumerate(texts)), loader, 20, cfg)

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recalign.reward.encoder import (EmbedBatch, EncoderConfig, default_encoder_path, embed_samples,
-                                     knowledge_table, mean_pool, resolve_encoder)
+from recalign.recsys.knowledge import knowledge_table
+from recalign.reward.encoder import (EmbedBatch, EncoderConfig, default_encoder_path, embed_samples, mean_pool,
+                                     resolve_encoder)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from recalign import metrics
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KAConfig, KASASRec
 from recalign.recsys.sasrec import SASRecConfig
-from recalign.reward.encoder import KnowledgeTable
+from recalign.recsys.knowledge import KnowledgeTable
 from recalign.reward.rewards import (MIN_NDCG_GAP, RewardConfig, combine, compute_rewards, summarise_rewards,
                                      target_logp)
 

@@ -13,9 +13,11 @@ from tests.helpers import fakes as sampling_fakes
 from recalign import io
 from recalign.config import ConfigError, load_config
 from recalign.prompts import PromptConfig
-from recalign.sampling import (SAMPLES_SCHEMA, EngineConfig, EngineError, PromptBuilder, SampleConfig, SamplerStage,
-                               check_samples, read_samples, run_sampling, select_users)
-from recalign.sampling.actors import part_files, part_name
+from recalign.sampling.actors import (SAMPLES_SCHEMA, PromptBuilder, SamplerStage, check_samples, part_files, part_name,
+                                      read_samples)
+from recalign.sampling.config import SampleConfig
+from recalign.sampling.engines import EngineConfig, EngineError
+from recalign.sampling.pipeline import run_sampling, select_users
 
 
 def _batch(users=(5, 2, 9)):

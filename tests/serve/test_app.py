@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from recalign.data.dataset import Dataset
-from recalign.rerank.scorer import RerankConfig, load_policy
+from recalign.llm.policy import load_policy
+from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import RequestError, RerankService
 
 

@@ -1,4 +1,5 @@
-"""The per-worker training loop of `recalign.align.trainer.train_policy` (runs under TorchTrainer).
+"""The per-worker training loop of `recalign.align.trainer.train_policy` (runs under TorchTrainer), and
+`AlignSpec`, what every worker is sent.
 
 One optimizer step = `grad_accum` micro-batches per worker, gradients averaged by DDP. Steps
 0 .. sft_steps-1 are the optional SFT warm-up (token-mean NLL of the chosen completions), the rest
@@ -27,10 +28,22 @@ import torch
 
 from recalign import io
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
-from recalign.align.trainer import AlignConfig, AlignSpec
+from recalign.align.config import AlignConfig
+from recalign.distributed import check_in_sync
 from recalign.align.losses import preference_loss, reward_stats
 
 SFT, PREFERENCE = "sft", "preference"
+
+
+@dataclass
+class AlignSpec:
+    """What every worker needs; sent once through train_loop_config."""
+
+    cfg: AlignConfig
+    model_path: str  # Hugging Face folder of the base causal LM
+    pairs_uris: list[str]  # pairs/<path>.parquet files, concatenated
+    tensorboard_dir: str = ""  # rank 0's live event dir; empty = a worker-local temp dir
+    init_adapter: str = ""  # LoRA adapter folder the policy starts from (and the reference is); empty = fresh LoRA
 
 
 @dataclass
@@ -291,10 +304,7 @@ def restore(checkpoint, model, tb_dir: str | None) -> TrainState:
 def _report(state: TrainState, plan: Plan, model, rank: int, world: int, tb_dir: str) -> None:
     import ray.train
 
-    divergence = param_divergence(model)
-    if divergence > 1e-5:
-        raise RuntimeError(f"worker LoRA weights diverged (checksum spread {divergence:.3g}) at step {state.step}: "
-                           "gradients are not synchronised across workers")
+    divergence = check_in_sync(model, f"at step {state.step}")
     metrics = {**(state.history[-1] if state.history else {}), "step": state.step, "param_divergence": divergence,
                "world_size": world}
     if rank != 0:
@@ -308,19 +318,6 @@ def _report(state: TrainState, plan: Plan, model, rank: int, world: int, tb_dir:
         if os.path.isdir(tb_dir):
             shutil.copytree(tb_dir, os.path.join(tmp, "tensorboard"))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def param_divergence(model) -> float:
-    """Spread across workers of a checksum of the trainable weights (0.0 when synchronised)."""
-    import torch.distributed as dist
-
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0.0
-    gathered = [torch.zeros_like(checksum.reshape(1)) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum.reshape(1))
-    values = torch.cat(gathered).cpu()
-    return float(values.max() - values.min())
 
 
 def _global_record(sums: dict[str, float], seconds: float, phase: str, step: int, lr: float, device) -> dict:

@@ -12,32 +12,15 @@ per loss type.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import hashlib
+import os
+from typing import Any
 
-from recalign.align.trainer import AlignConfig, policy_stage
-from recalign.align.losses import LOSS_TYPES
-from recalign.pairs.build import PATHS
-
-
-def _rerank_default() -> AlignConfig:
-    return AlignConfig(sft_epochs=1)
-
-
-@dataclass
-class PoliciesConfig:
-    paths: list[str] = field(default_factory=lambda: list(PATHS))  # pair sets that get policies
-    loss_types: list[str] = field(default_factory=lambda: list(LOSS_TYPES))  # one policy per loss type and path
-    # Re-rank path; its sft_epochs / sft_max_steps train the SFT policy (0 and 0: no SFT policy).
-    rerank: AlignConfig = field(default_factory=_rerank_default)
-    knowledge: AlignConfig = field(default_factory=AlignConfig)  # knowledge path; SFT fields ignored
-    from_sweep: bool = False  # re-rank policies take beta and num_negatives from <run>/sweep/best.json
-
-    def __post_init__(self) -> None:
-        if not self.paths or set(self.paths) - set(PATHS):
-            raise ValueError(f"paths must be a non-empty subset of {list(PATHS)}, got {self.paths}")
-        if set(self.loss_types) - set(LOSS_TYPES):
-            raise ValueError(f"loss_types must be among {list(LOSS_TYPES)}, got {self.loss_types}")
+from recalign import io
+from recalign.align.config import AlignConfig, PoliciesConfig
+from recalign.align.trainer import ADAPTER_FILES, train_policy
+from recalign.config import fingerprint
+from recalign.runs import Log, RunSpec, learning_key, run_stage, slug
 
 
 def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) -> list[tuple[str, AlignConfig, str]]:
@@ -61,11 +44,9 @@ def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) ->
     return plan
 
 
-def policies_stage(run, cfg: PoliciesConfig, model_path: str, log: Callable[[str], None] = print,
+def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log = print,
                    force: bool = False) -> dict[str, Any]:
     """Train every planned policy that is not up to date; returns their summaries by label."""
-    from recalign import io
-
     sweep_best = None
     if cfg.from_sweep:
         from recalign.align.sweep import load_best
@@ -84,3 +65,32 @@ def policies_stage(run, cfg: PoliciesConfig, model_path: str, log: Callable[[str
         summaries[label] = policy_stage(run, align, model_path, [pairs], log, force, name=label,
                                         init_adapter=run.dir("policy", *init.split("/")) if init else "")
     return summaries
+
+
+def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
+    """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
+    train = learning_key(cfg)
+    model = hashlib.sha256(io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))).hexdigest()
+    pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
+    init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""
+    return fingerprint({"train": train, "model": model, "pairs": pairs, "init": init})
+
+
+def policy_stage(run: RunSpec, cfg: AlignConfig, model_path: str, pairs_uris: list[str], log: Log = print,
+                 force: bool = False, name: str = "", init_adapter: str = "") -> dict[str, Any]:
+    """`runs/<name>/policy/<name or loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`.
+
+    `name` may hold a slash (`rerank/sft+sdpo`): the pipeline keeps one folder per path and policy.
+    """
+    label = name or cfg.loss_type
+    key = policy_key(cfg, model_path, pairs_uris, init_adapter)
+    out_dir = run.dir("policy", *label.split("/"))
+
+    def train() -> dict[str, Any]:
+        summary = train_policy(cfg, model_path, pairs_uris, out_dir, storage_path=run.dir("ray"),
+                               name=f"policy-{slug(label)}-{key}", log=log,
+                               init_adapter=init_adapter)
+        return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "sft_steps", "starts",
+                                        "seconds", "final")}
+
+    return run_stage(f"policy/{label}", out_dir, key, train, log, force)

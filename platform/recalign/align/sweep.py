@@ -18,26 +18,11 @@ import numpy as np
 import pandas as pd
 
 from recalign import io, metrics
-from recalign.align.trainer import AlignConfig
-from recalign.rerank.scorer import LetterScorer, RerankConfig, load_policy
+from recalign.align.config import AlignConfig, SweepConfig
+from recalign.llm.policy import load_policy
+from recalign.rerank.scorer import LetterScorer, RerankConfig
 
 METRIC = "valid_ndcg@10"
-
-
-@dataclass
-class SweepConfig:
-    search: str = "grid"  # grid: every combination below | random: num_samples draws
-    loss_types: list[str] = field(default_factory=lambda: ["dpo", "dmpo", "sdpo"])  # searched loss types
-    betas: list[float] = field(default_factory=lambda: [0.1, 1.0])  # grid values of beta
-    num_negatives: list[int] = field(default_factory=lambda: [1, 3])  # grid values of K
-    beta_range: list[float] = field(default_factory=lambda: [0.05, 2.0])  # random search: log-uniform beta bounds
-    num_samples: int = 1  # grid: repeats of the whole grid; random: number of trials
-    rungs: int = 2  # epochs per trial; ASHA may stop a trial after any rung
-    grace_period: int = 1  # ASHA: rungs every trial runs before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
-    max_concurrent: int = 1  # trials at once (each runs a TorchTrainer of align.num_workers workers)
-    valid_users: int = 64  # seeded subset of validation users the re-ranker is scored on; 0 = all
-    seed: int = 0  # validation subset and random search
 
 
 @dataclass

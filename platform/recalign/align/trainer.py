@@ -13,90 +13,19 @@ then computed once, before the preference phase, because the adapter moves on fr
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from recalign import io
-from recalign.align.losses import LOSS_TYPES
+from recalign.align.config import AlignConfig
+from recalign.align.loop import AlignSpec
+from recalign.runs import Log
 
-Log = Callable[[str], None]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# AlignConfig fields that change where and how safely a run trains, not what it learns.
-RESOURCE_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep",
-                   "checkpoint_every")
-
-
-@dataclass
-class AlignConfig:
-    loss_type: str = "sdpo"  # dpo (mean of the K pairwise losses) | dmpo | sdpo
-    beta: float = 1.0  # implicit-reward scale; S-DPO uses 1.0, DPO papers often 0.1
-    num_negatives: int = 3  # K rejected completions per prompt (the first K of each pairs row)
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: list[str] = field(default_factory=lambda: [  # modules that get a LoRA adapter
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float = 1e-4  # AdamW learning rate of the preference phase
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear learning-rate warm-up (optimizer steps) at the start of each phase
-    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
-    epochs: int = 1  # preference epochs over the pairs
-    max_steps: int = 0  # > 0: preference optimizer steps instead of `epochs`
-    max_examples: int = 0  # > 0: train on a seeded random subset of this many pairs (0 = every pair)
-    batch_size: int = 2  # examples per worker micro-batch (each has 1 + K completions)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    sft_epochs: int = 0  # SFT warm-up epochs on the chosen completions before the preference phase
-    sft_max_steps: int = 0  # > 0: SFT optimizer steps instead of `sft_epochs`
-    sft_lr: float = 1e-4  # AdamW learning rate of the SFT warm-up
-    max_prompt_tokens: int = 1536  # longer prompts keep their end (the assistant header)
-    max_completion_tokens: int = 256  # longer completions keep their start
-    prompt_sharing: str = "packed"  # prompt encoded once for its 1 + K completions: packed (block mask) |
-    #   kv_cache (expanded KV; for attention kernels without 4D masks) | none (K + 1 full sequences)
-    precompute_reference: bool = False  # reference log-probs once before the preference phase, not every step
-    dtype: str = "auto"  # model weights: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16
-    mixed_precision: str = "no"  # bf16: matmuls under torch.autocast in bfloat16, weights stay in `dtype` (~1.9x
-    #   the fp32 matmul rate on CPUs with AVX512-BF16); no: everything in `dtype`
-    checkpoint_every: int = 50  # optimizer steps between adapter checkpoints (the last step always checkpoints)
-    checkpoints_to_keep: int = 2  # checkpoints kept in the run storage
-    seed: int = 0  # LoRA init and data order
-    num_workers: int = 2  # Ray Train workers (DDP)
-    use_gpu: bool = False  # one GPU per worker, NCCL; else gloo on CPU
-    cpus_per_worker: float = 1.0  # CPU workers' Ray resources (and torch threads)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.prompt_sharing not in ("packed", "kv_cache", "none"):
-            raise ValueError(f"prompt_sharing must be packed, kv_cache or none, got {self.prompt_sharing!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
-        if self.max_examples < 0:
-            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
-        for name in ("num_negatives", "batch_size", "grad_accum", "checkpoint_every", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 1 and self.max_steps < 1 and self.sft_epochs < 1 and self.sft_max_steps < 1:
-            raise ValueError("set epochs >= 1 or max_steps >= 1 (epochs=0 and max_steps=0 with an SFT warm-up "
-                             "trains an SFT-only policy)")
-
-
-@dataclass
-class AlignSpec:
-    """What every worker needs; sent once through train_loop_config."""
-
-    cfg: AlignConfig
-    model_path: str  # Hugging Face folder of the base causal LM
-    pairs_uris: list[str]  # pairs/<path>.parquet files, concatenated
-    tensorboard_dir: str = ""  # rank 0's live event dir; empty = a worker-local temp dir
-    init_adapter: str = ""  # LoRA adapter folder the policy starts from (and the reference is); empty = fresh LoRA
 
 
 @dataclass
@@ -136,8 +65,8 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     metrics.json (summary and per-step history) and tensorboard/.
     """
     from recalign.align.loop import train_loop
-    from recalign.pairs.read import load_pairs
     from recalign.distributed import fit_torch_trainer
+    from recalign.pairs.read import load_pairs
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
@@ -153,8 +82,10 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}")
     start = time.time()
-    result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])}, cfg, storage_path, name,
-                               f"alignment run {name}")
+    result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])}, num_workers=cfg.num_workers,
+                               use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                               num_to_keep=cfg.checkpoints_to_keep, storage_path=storage_path, run_name=name,
+                               what=f"alignment run {name}")
     with result.checkpoint.as_directory() as ckpt_dir:
         summary = _summary(ckpt_dir, spec, num_examples, time.time() - start)
         publish(ckpt_dir, out_dir, summary)
@@ -220,36 +151,3 @@ def _replace_dir(local_dir: str, uri: str) -> None:
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
     fs.move(tmp, path)
-
-
-def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
-    """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
-    from recalign.config import fingerprint
-
-    train = {k: v for k, v in asdict(cfg).items() if k not in RESOURCE_FIELDS}
-    model = hashlib.sha256(io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))).hexdigest()
-    pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
-    init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""
-    return fingerprint({"train": train, "model": model, "pairs": pairs, "init": init})
-
-
-def policy_stage(run, cfg: AlignConfig, model_path: str, pairs_uris: list[str], log: Log = print,
-                 force: bool = False, name: str = "", init_adapter: str = "") -> dict[str, Any]:
-    """`runs/<name>/policy/<name or loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`.
-
-    `name` may hold a slash (`rerank/sft+sdpo`): the pipeline keeps one folder per path and policy.
-    """
-    from recalign import stage
-
-    label = name or cfg.loss_type
-    key = policy_key(cfg, model_path, pairs_uris, init_adapter)
-    out_dir = run.dir("policy", *label.split("/"))
-
-    def train() -> dict[str, Any]:
-        summary = train_policy(cfg, model_path, pairs_uris, out_dir, storage_path=run.dir("ray"),
-                               name=f"policy-{label.replace('/', '-').replace('+', '-')}-{key}", log=log,
-                               init_adapter=init_adapter)
-        return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "sft_steps", "starts",
-                                        "seconds", "final")}
-
-    return stage.run(f"policy/{label}", out_dir, key, train, log, force)

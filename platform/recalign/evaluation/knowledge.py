@@ -101,7 +101,7 @@ def merged_engine(engine: EngineConfig, model_path: str, seed: int, adapter: str
     import shutil
     import tempfile
 
-    from recalign.rerank.scorer import load_policy
+    from recalign.llm.policy import load_policy
 
     if not adapter:
         return make_engine(engine, model_path, seed)
@@ -147,7 +147,8 @@ def knowledge_vectors(answers: dict[str, list[str]], users: np.ndarray, num_user
     """Embed every policy's analyses in one encoder pass: {policy: ((S, d) vectors, (S,) present)}.
 
     Each policy's texts go to `<out_dir>/<policy>.parquet` (user_idx, response)."""
-    from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table
+    from recalign.recsys.knowledge import knowledge_table
+    from recalign.reward.encoder import EncoderConfig, embed_samples
 
     names = list(answers)
     for name in names:

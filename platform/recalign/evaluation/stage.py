@@ -14,7 +14,7 @@ eval/systems/ by fingerprint, so an interrupted evaluation resumes with the syst
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,23 +22,14 @@ import numpy as np
 from recalign import io, metrics
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.evaluation.summary import EvalConfig, baseline_systems, summarise
-from recalign.evaluation.knowledge import KnowledgeGenConfig
-from recalign.rerank.scorer import RerankConfig, build_prompts, free_generation_metrics, load_policy, score_rows_with_ray
-from recalign.runs import RunSpec
+from recalign.evaluation.config import FinalEvalConfig
+from recalign.evaluation.summary import baseline_systems, summarise
+from recalign.llm.policy import load_policy
+from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
+from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
 from recalign.sampling.engines import EngineConfig
 
-Log = Callable[[str], None]
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
-
-
-@dataclass
-class FinalEvalConfig:
-    eval: EvalConfig = field(default_factory=EvalConfig)  # split, metrics, bootstrap, reference system
-    llm_users: int = 200  # test users the LLM-based systems are scored on (seeded subset); 0 = all
-    subset_seed: int = 0  # seeds that subset
-    rerank: RerankConfig = field(default_factory=RerankConfig)  # direct LLM re-ranker prompts and scoring
-    knowledge: KnowledgeGenConfig = field(default_factory=KnowledgeGenConfig)  # analyses for KA-SASRec
 
 
 @dataclass
@@ -60,7 +51,7 @@ def llm_rows(data: Dataset, split: str, num_users: int, seed: int) -> np.ndarray
 
 
 def _system_uri(run: RunSpec, name: str) -> str:
-    return run.dir("eval", "systems", name.replace(" ", "_").replace("/", "_").replace("+", "-") + ".json")
+    return run.dir("eval", "systems", slug(name) + ".json")
 
 
 def _is_cached(run: RunSpec, name: str, key: str) -> bool:
@@ -94,16 +85,14 @@ def discover_policies(run: RunSpec) -> tuple[list[Policy], list[Policy]]:
     """
     import pyarrow.fs as pafs
 
-    from recalign import stage
-
     def found(path: str) -> list[Policy]:
         fs, root = io.resolve(run.dir("policy", path))
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         labels = [i.base_name for i in infos if i.type == pafs.FileType.Directory
-                  and io.exists(run.dir("policy", path, i.base_name, stage.MARKER))]
+                  and io.exists(run.dir("policy", path, i.base_name, MARKER))]
         labels.sort(key=lambda label: ([LOSS_ORDER.index(p) if p in LOSS_ORDER else len(LOSS_ORDER)
                                         for p in label.split("+")], label))
-        return [Policy(label, run.dir("policy", path, label), stage.fingerprint_of(run.dir("policy", path, label)))
+        return [Policy(label, run.dir("policy", path, label), fingerprint_of(run.dir("policy", path, label)))
                 for label in labels]
 
     rerank = [Policy("llm zero-shot", None)] + [Policy(f"llm {p.name}", p.adapter, p.key) for p in found("rerank")]
@@ -124,21 +113,21 @@ def evaluate_stage(run: RunSpec, cfg: FinalEvalConfig, model_path: str, engine: 
 def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_policies: list[Policy],
                  knowledge_policies: list[Policy], engine: EngineConfig | None = None, log: Log = print) -> dict:
     """Score every system, write eval/metrics.{json,md} and eval/metrics.png; returns the summary."""
-    from recalign import stage
-    from recalign.recsys.stage import sasrec_scores, write_report
+    from recalign.evaluation.report import plot_systems, write_report
+    from recalign.recsys.stage import sasrec_scores
 
     data = Dataset(run.dir("data"))
     split = data.split(cfg.eval.split)
     names = cfg.eval.metrics
     all_rows = np.arange(len(split))
     sub = llm_rows(data, cfg.eval.split, cfg.llm_users, cfg.subset_seed)
-    base_key = fingerprint({"data": stage.fingerprint_of(run.dir("data")), "eval": to_dict(cfg.eval)})
+    base_key = fingerprint({"data": fingerprint_of(run.dir("data")), "eval": to_dict(cfg.eval)})
     results: dict[str, dict] = {}
 
     for name, scores in baseline_systems(data, split, cfg.eval.seed).items():
         results[name] = _cached(run, name, base_key, lambda s=scores: _metric_rows(s, split.target_index, all_rows,
                                                                                    names), log)
-    sasrec_key = fingerprint([base_key, stage.fingerprint_of(run.dir("baselines", "sasrec"))])
+    sasrec_key = fingerprint([base_key, fingerprint_of(run.dir("baselines", "sasrec"))])
     results["sasrec"] = _cached(run, "sasrec", sasrec_key, lambda: _metric_rows(
         sasrec_scores(run, split), split.target_index, all_rows, names), log)
 
@@ -157,15 +146,13 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     for n, r in results.items():
         if "free_generation" in r:
             summary["systems"][n]["free_generation"] = r["free_generation"]
-    table = write_report(summary, run.dir("eval"), f"Test-split results on {data.meta['name']}",
-                         extra=_free_generation_table(summary))
+    table = write_report(summary, run.dir("eval"), f"Test-split results on {data.meta['name']}")
     plot_systems(summary, run.dir("eval", "metrics.png"))
     return {"table": table}
 
 
 def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, base_key, log) -> dict:
     from recalign.evaluation.knowledge import generate_analyses, knowledge_prompts, knowledge_vectors
-    from recalign.reward.stage import input_key
     from recalign.recsys.ka_train import load_ka_model, score_with_knowledge
 
     ka_dir = run.dir("reward_model", "ka")
@@ -205,51 +192,3 @@ def _llm_system(data: Dataset, cfg: FinalEvalConfig, split, sub: np.ndarray, mod
     result["free_generation"] = free_generation_metrics([answers[r] for r in sub.tolist()], split.target_index[sub],
                                                         split.candidates.shape[1])
     return result
-
-
-def _free_generation_table(summary: dict) -> str:
-    rows = [(n, e["free_generation"]) for n, e in summary["systems"].items() if "free_generation" in e]
-    if not rows:
-        return ""
-    lines = ["", "Free generation (greedy answer parsed for a letter):", "",
-             "| system | ValidRatio | HR@1 (all rows) | HR@1 (valid rows) |", "|---|---|---|---|"]
-    for name, fg in rows:
-        lines.append(f"| {name} | {fg['valid_ratio']:.3f} | {fg['hr@1_all_rows']:.4f} | {fg['hr@1_valid_rows']:.4f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_systems(summary: dict, uri: str, metric: str = "ndcg@10") -> None:
-    """Left: each system's `metric` with its CI. Right: the paired difference to the reference system on the
-    rows both were scored on, with its CI: systems scored on a user subset are compared where they overlap."""
-    import io as _io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = summary["systems"]
-    names = list(systems)
-    labels = [f"{n} ({systems[n]['num_rows']})" for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
-    means = np.array([systems[n][metric]["mean"] for n in names])
-    errors = [means - np.array([systems[n][metric]["low"] for n in names]),
-              np.array([systems[n][metric]["high"] for n in names]) - means]
-    left.barh(range(len(names)), means, xerr=errors, color="#4c72b0", capsize=3)
-    left.set_xlabel(f"{metric} ({int(summary['confidence'] * 100)}% CI)")
-    left.set_yticks(range(len(names)), labels, fontsize=8)
-    left.invert_yaxis()
-    vs = [systems[n][metric].get("vs_reference") or {"diff": 0.0, "low": 0.0, "high": 0.0} for n in names]
-    diffs = np.array([v["diff"] for v in vs])
-    colors = ["#999999" if n == summary["reference"] else ("#55a868" if v["low"] > 0 else "#c44e52" if v["high"] < 0
-              else "#8c8c8c") for n, v in zip(names, vs)]
-    right.barh(range(len(names)), diffs, xerr=[diffs - [v["low"] for v in vs], [v["high"] for v in vs] - diffs],
-               color=colors, capsize=3)
-    right.axvline(0.0, color="black", linewidth=0.8)
-    right.set_xlabel(f"Δ{metric} vs {summary['reference']}, paired on shared rows (CI)")
-    fig.suptitle(f"{summary['split']} split; rows scored in parentheses")
-    fig.tight_layout()
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    io.write_bytes(buffer.getvalue(), uri)

@@ -93,9 +93,13 @@ def knowledge_pairs(samples: pa.Table, rewards: pa.Table, cfg: PairsConfig) -> t
     return _table(rows), counts
 
 
-def rerank_pairs(data: Dataset, tokenizer, cfg: PairsConfig, sasrec_scores: np.ndarray | None = None) -> tuple[pa.Table, dict]:
-    """Pairs from every user's `train` example. `sasrec_scores` (B, C) over its candidates, needed for hard negatives."""
+def rerank_pairs(data: Dataset, tokenizer, cfg: PairsConfig, sasrec_scores: np.ndarray | None = None,
+                 rows: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+    """Pairs from every user's `train` example (or those `rows` of the split). `sasrec_scores` (B, C) over
+    the candidates of those rows, needed for hard negatives."""
     split = data.split(PAIRS_SPLIT)
+    if rows is not None:
+        split = split.subset(np.asarray(rows))
     num_candidates = split.candidates.shape[1]
     if cfg.num_negatives > num_candidates - 1:
         raise ValueError(f"num_negatives={cfg.num_negatives} but only {num_candidates - 1} non-target candidates")

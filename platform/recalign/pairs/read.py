@@ -13,14 +13,11 @@ rarely watches. They are training signal of a kind, not the recommender-feedback
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from recalign import io
-from recalign.pairs.build import PAIRS_SCHEMA, PATHS
 
 REQUIRED = ("user_idx", "path", "prompt", "chosen", "rejected")
 
@@ -72,69 +69,3 @@ def load_pairs(uris: list[str], num_negatives: int, max_examples: int = 0, seed:
         keep = np.sort(np.random.default_rng(seed).choice(len(examples), size=max_examples, replace=False))
         examples = [examples[i] for i in keep]
     return examples
-
-
-def heuristic_pairs(data_dir: str, tokenizer, path: str, num_negatives: int, num_users: int = 0, seed: int = 0,
-                    prompt_cfg=None) -> pa.Table:
-    """Pairs of PAIRS_SCHEMA from the `train` split (no valid/test targets), one row per user.
-
-    num_users: 0 = every user whose train example has its target among the candidates.
-    """
-    from recalign.data.dataset import Dataset
-    from recalign.prompts import PromptConfig
-
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    data = Dataset(data_dir)
-    split = data.split("train")
-    rng = np.random.default_rng(seed)
-    rows = np.flatnonzero(split.target_index >= 0)
-    if num_users:
-        rows = np.sort(rng.choice(rows, size=min(num_users, len(rows)), replace=False))
-    build = _rerank_row if path == "rerank" else _knowledge_row
-    records = [build(data.items, split, r, tokenizer, num_negatives, rng, prompt_cfg or PromptConfig()) for r in rows]
-    return pa.Table.from_pylist(records, schema=PAIRS_SCHEMA)
-
-
-def _rerank_row(items, split, row: int, tokenizer, num_negatives: int, rng, prompt_cfg) -> dict:
-    from recalign.prompts import render, rerank_answer, rerank_messages
-
-    candidates = split.candidates[row]
-    target = int(split.target_index[row])
-    others = [p for p in range(len(candidates)) if p != target]
-    if len(others) < num_negatives:
-        raise ValueError(f"{len(candidates)} candidates cannot give {num_negatives} negatives")
-    negatives = rng.choice(others, size=num_negatives, replace=False)
-    prompt = render(tokenizer, rerank_messages(items, split.history[row], split.history_ratings[row], candidates,
-                                               prompt_cfg))
-    return {"user_idx": int(split.user_idx[row]), "path": "rerank", "prompt": prompt,
-            "chosen": rerank_answer(items, candidates, target),
-            "rejected": [rerank_answer(items, candidates, int(p)) for p in negatives],
-            "chosen_reward": 1.0, "rejected_rewards": [0.0] * num_negatives}
-
-
-def _knowledge_row(items, split, row: int, tokenizer, num_negatives: int, rng, prompt_cfg) -> dict:
-    from recalign.prompts import knowledge_messages, render
-
-    history = [int(i) for i in split.history[row] if i != 0]
-    genre_counts = Counter(g for i in history for g in (items.loc[i, "genres"] if len(items.loc[i, "genres"]) else []))
-    all_genres = sorted({g for gs in items["genres"] for g in gs})
-    liked = [g for g, _ in genre_counts.most_common(2)] or all_genres[:2]
-    unliked = [g for g in all_genres if g not in liked]
-    rare = [g for g in unliked if genre_counts[g] <= 1] or unliked
-    years = [int(y) for y in items.loc[history, "year"].dropna()] or [1995]
-    decade = int(np.median(years)) // 10 * 10
-    prompt = render(tokenizer, knowledge_messages(items, split.history[row], split.history_ratings[row], prompt_cfg))
-    rejected = []
-    for _ in range(num_negatives):
-        picked = list(rng.choice(rare, size=min(2, len(rare)), replace=False))
-        rejected.append(_summary(picked, int(rng.choice([d for d in range(1930, 2000, 10) if d != decade])), liked))
-    return {"user_idx": int(split.user_idx[row]), "path": "knowledge", "prompt": prompt,
-            "chosen": _summary(liked, decade, rare[:2]), "rejected": rejected,
-            "chosen_reward": 1.0, "rejected_rewards": [0.0] * num_negatives}
-
-
-def _summary(likes: list[str], decade: int, dislikes: list[str]) -> str:
-    return (f"This user mostly enjoys {' and '.join(likes)} movies, especially from the {decade}s, with "
-            f"{'light' if 'Comedy' in likes else 'serious'} moods. They seem less interested in "
-            f"{' and '.join(dislikes)}, so the next movie should be a {likes[0].lower()} title.")

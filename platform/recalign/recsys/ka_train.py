@@ -19,8 +19,6 @@ checkpoint with the best-so-far weights every epoch, resume, early stopping), wi
 from __future__ import annotations
 
 import io as _io
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -30,9 +28,9 @@ import torch
 from recalign import io, metrics
 from recalign.recsys.ka_sasrec import KAConfig, KASASRec
 from recalign.recsys.sasrec import SASRecConfig, next_item_loss
-from recalign.reward.encoder import KnowledgeTable, knowledge_table
-from recalign.recsys.train import (SeqTrainConfig, end_epoch, make_windows, param_divergence, restore_state,
-                                   run_trainer, seed_everything, sharded_mean)
+from recalign.recsys.knowledge import KnowledgeTable, knowledge_table
+from recalign.distributed import seed_everything, sharded_mean
+from recalign.recsys.train import SeqTrainConfig, epochs_left, finish_epoch, make_windows, prepare_training, run_trainer
 
 
 @dataclass
@@ -112,13 +110,13 @@ def load_knowledge(spec: KAJobSpec, num_users: int) -> KnowledgeTable:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop. config: {"spec": KAJobSpec, "on_epoch_end"?, "on_batch"?}.
+    """Ray Train per-worker loop. config: {"spec": KAJobSpec, "on_epoch_end"?, "on_batch"?, "local_checkpoint_dir"?}.
 
     `on_batch(inputs, targets, owners)` sees every training batch (tests use it as a leakage probe).
     """
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from torch.utils.data import DataLoader, TensorDataset
 
     from recalign.data.dataset import Dataset
 
@@ -139,20 +137,11 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = np.arange(rank, len(valid), world)  # each worker validates its own rows
     valid_knowledge = knowledge.mean()[valid.user_idx[shard]]
     valid_present = knowledge.present.any(axis=1)[valid.user_idx[shard]] & spec.use_knowledge
-
-    model = ray.train.torch.prepare_model(KASASRec(data.num_items, spec.model, spec.ka, knowledge.dim))
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-
-    state = restore_state(ray.train.get_checkpoint(), core, optimizer)
+    model, core, optimizer, state = prepare_training(KASASRec(data.num_items, spec.model, spec.ka, knowledge.dim),
+                                                     spec.train)
     resumed_from = state["epoch"]
 
-    for epoch in range(state["epoch"], spec.train.epochs):
-        if state["bad_epochs"] >= spec.train.patience:
-            break
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+    for epoch in epochs_left(state, spec.train, loader):
         picks = pick_samples(knowledge.present, spec.train.seed, epoch)
         # Re-seeded per (epoch, rank) so a resumed run drops the same rows as an uninterrupted one.
         dropout_rng.manual_seed(int(np.random.default_rng([spec.train.seed, epoch, rank]).integers(2**62)))
@@ -171,15 +160,9 @@ def train_loop(config: dict[str, Any]) -> None:
             losses.append(loss.item())
 
         report = _validate(core, valid, shard, valid_knowledge, valid_present, spec.train.eval_batch_size)
-        divergence = param_divergence(core)
-        if divergence > 1e-6 * max(1.0, sum(p.numel() for p in core.parameters()) ** 0.5):
-            raise RuntimeError(f"worker parameters diverged (checksum spread {divergence:.3g}): "
-                               "gradients are not synchronised across workers")
-        end_epoch(state, epoch, report["valid_ndcg@10"], core)
-        report.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                      best_valid_ndcg=state["best_ndcg"], best_epoch=state["best_epoch"],
-                      resumed_from_epoch=resumed_from, param_divergence=divergence, world_size=world)
-        _report(report, core, optimizer, state, rank, config.get("local_checkpoint_dir"))
+        report.update(train_loss=float(np.mean(losses)) if losses else float("nan"), resumed_from_epoch=resumed_from,
+                      world_size=world)
+        finish_epoch(report, state, epoch, core, optimizer, rank, config.get("local_checkpoint_dir"))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
@@ -195,29 +178,6 @@ def _validate(core: KASASRec, valid, shard: np.ndarray, knowledge: np.ndarray, p
             "valid_ndcg@10_no_knowledge": sharded_mean(metrics.ndcg_at_k(without, target, 10).numpy())}
 
 
-def _report(report: dict, core: KASASRec, optimizer, state: dict, rank: int, local_dir: str | None) -> None:
-    """Rank 0 alone writes the checkpoint (DDP keeps the weights identical); the others only report.
-
-    Ray Train copies a reported checkpoint into its storage, except in local mode (num_workers=0),
-    which keeps a reference to the folder: there it goes to `local_dir`, not a temp dir that vanishes.
-    """
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(report, checkpoint=None)
-        return
-    blob = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-    if local_dir is not None:
-        folder = os.path.join(local_dir, f"epoch-{state['epoch']:04d}")
-        os.makedirs(folder, exist_ok=True)
-        torch.save(blob, os.path.join(folder, "state.pt"))
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(blob, os.path.join(tmp, "state.pt"))
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
 def fit_ka(spec: KAJobSpec, out_dir: str, storage_path: str, run_name: str,
            on_epoch_end: Callable[[int], None] | None = None,
            on_batch: Callable[..., None] | None = None) -> dict[str, Any]:
@@ -226,9 +186,7 @@ def fit_ka(spec: KAJobSpec, out_dir: str, storage_path: str, run_name: str,
     Re-running with the same `storage_path` + `run_name` resumes from the last checkpoint.
     Returns the final report (validation metrics, best epoch, epochs run).
     """
-    local_dir = os.path.join(io.local_path(storage_path), run_name, "local") if spec.train.num_workers == 0 else None
-    best, final = run_trainer(train_loop, {"spec": spec, "on_epoch_end": on_epoch_end, "on_batch": on_batch,
-                                           "local_checkpoint_dir": local_dir},
+    best, final = run_trainer(train_loop, {"spec": spec, "on_epoch_end": on_epoch_end, "on_batch": on_batch},
                               spec.train, storage_path, run_name, "KA-SASRec")
     save_ka_model(best, spec, out_dir, final)
     return final

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import io as _io
 import os
-import random
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from recalign import io, metrics
+from recalign.distributed import check_in_sync, seed_everything, sharded_mean
 from recalign.recsys.sasrec import SASRec, SASRecConfig, next_item_loss
 
 
@@ -89,43 +89,6 @@ def score_split(model: SASRec, history: np.ndarray, candidates: np.ndarray, batc
     return torch.cat(out).numpy() if out else np.zeros((0, candidates.shape[1]), dtype=np.float32)
 
 
-def sharded_mean(values: np.ndarray) -> float:
-    """Mean of per-example values that each worker computed on its own shard (all-reduced)."""
-    import torch.distributed as dist
-
-    total = torch.tensor([float(np.sum(values)), float(len(values))], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        total = total.to(_collective_device())
-        dist.all_reduce(total)
-        total = total.cpu()
-    return float(total[0] / max(total[1].item(), 1.0))
-
-
-def param_divergence(model: torch.nn.Module) -> float:
-    """Max difference across workers of a parameter checksum (0.0 when synchronised)."""
-    import torch.distributed as dist
-
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0.0
-    gathered = [torch.zeros_like(checksum, device=_collective_device()) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum.to(_collective_device()))
-    values = torch.cat(gathered).cpu()
-    return float(values.max() - values.min())
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def restore_state(checkpoint, core: torch.nn.Module, optimizer) -> dict[str, Any]:
     """The early-stopping state of a sequential recommender's loop: fresh, or the checkpoint's, whose
     weights and optimizer state are loaded into `core` and `optimizer`."""
@@ -149,11 +112,71 @@ def end_epoch(state: dict[str, Any], epoch: int, valid_ndcg: float, core: torch.
         state["bad_epochs"] += 1
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop. config: {"spec": SASRecJobSpec, "on_epoch_end": optional callable}."""
+def prepare_training(model: torch.nn.Module, cfg: SeqTrainConfig):
+    """(model, core, optimizer, state) on a Ray Train worker: the model wrapped for DDP, its core (the
+    unwrapped module), AdamW, and the early-stopping state restored from the run's last checkpoint."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, core, optimizer, restore_state(ray.train.get_checkpoint(), core, optimizer)
+
+
+def epochs_left(state: dict[str, Any], cfg: SeqTrainConfig, loader) -> Iterator[int]:
+    """The epochs still to run: from where the state stopped until cfg.epochs, or until `patience` epochs
+    without a better validation NDCG@10. A distributed sampler is reshuffled for each."""
+    from torch.utils.data import DistributedSampler
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            return
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        yield epoch
+
+
+def finish_epoch(report: dict[str, Any], state: dict[str, Any], epoch: int, core: torch.nn.Module, optimizer,
+                 rank: int, local_dir: str | None) -> None:
+    """After an epoch's validation (report["valid_ndcg@10"]): check that the workers are in sync, record the
+    epoch in the state, and report it to Ray Train with a checkpoint."""
+    report["param_divergence"] = check_in_sync(core, f"after epoch {epoch}")
+    end_epoch(state, epoch, report["valid_ndcg@10"], core)
+    report.update(epoch=epoch, best_valid_ndcg=state["best_ndcg"], best_epoch=state["best_epoch"])
+    report_checkpoint(report, core, optimizer, state, rank, local_dir)
+
+
+def report_checkpoint(report: dict, core: torch.nn.Module, optimizer, state: dict, rank: int,
+                      local_dir: str | None) -> None:
+    """Rank 0 alone writes the checkpoint (DDP keeps the weights identical); the others only report.
+
+    Ray Train copies a reported checkpoint into its storage, except in local mode (num_workers=0),
+    which keeps a reference to the folder: there it goes to `local_dir`, not a temp dir that vanishes.
+    """
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(report, checkpoint=None)
+        return
+    blob = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    if local_dir is not None:
+        folder = os.path.join(local_dir, f"epoch-{state['epoch']:04d}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(blob, os.path.join(folder, "state.pt"))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(blob, os.path.join(tmp, "state.pt"))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop. config: {"spec": SASRecJobSpec, "on_epoch_end"?, "local_checkpoint_dir"?}."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, TensorDataset
 
     from recalign.data.dataset import Dataset
 
@@ -169,20 +192,10 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = ray.train.torch.prepare_data_loader(loader)
     valid = data.split("valid")
     shard = np.arange(rank, len(valid), world)  # each worker validates its own rows
-
-    model = ray.train.torch.prepare_model(SASRec(data.num_items, spec.model))
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-
-    state = restore_state(ray.train.get_checkpoint(), core, optimizer)
+    model, core, optimizer, state = prepare_training(SASRec(data.num_items, spec.model), spec.train)
     resumed_from = state["epoch"]
 
-    for epoch in range(state["epoch"], spec.train.epochs):
-        if state["bad_epochs"] >= spec.train.patience:
-            break
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+    for epoch in epochs_left(state, spec.train, loader):
         model.train()
         losses = []
         for batch_in, batch_out in loader:
@@ -193,35 +206,13 @@ def train_loop(config: dict[str, Any]) -> None:
             losses.append(loss.item())
 
         scores = score_split(core, valid.history[shard], valid.candidates[shard], spec.train.eval_batch_size)
-        ndcg10 = sharded_mean(metrics.ndcg_at_k(scores, valid.target_index[shard], 10).numpy())
-        hr10 = sharded_mean(metrics.hr_at_k(scores, valid.target_index[shard], 10).numpy())
-        divergence = param_divergence(core)
-        if divergence > 1e-6 * max(1.0, sum(p.numel() for p in core.parameters()) ** 0.5):
-            raise RuntimeError(f"worker parameters diverged (checksum spread {divergence:.3g}): "
-                               "gradients are not synchronised across workers")
-        end_epoch(state, epoch, ndcg10, core)
-        report = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                  "valid_ndcg@10": ndcg10, "valid_hr@10": hr10, "best_valid_ndcg@10": state["best_ndcg"],
-                  "best_epoch": state["best_epoch"], "resumed_from_epoch": resumed_from,
-                  "param_divergence": divergence, "world_size": world}
-        _report(report, core, optimizer, state, rank)
+        report = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  "valid_ndcg@10": sharded_mean(metrics.ndcg_at_k(scores, valid.target_index[shard], 10).numpy()),
+                  "valid_hr@10": sharded_mean(metrics.hr_at_k(scores, valid.target_index[shard], 10).numpy()),
+                  "resumed_from_epoch": resumed_from, "world_size": world}
+        finish_epoch(report, state, epoch, core, optimizer, rank, config.get("local_checkpoint_dir"))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-
-
-def _report(report: dict, core: SASRec, optimizer, state: dict, rank: int) -> None:
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(report, checkpoint=None)
-        return
-    # Ray uploads the directory to run storage and then deletes it. In local mode (num_workers=0,
-    # tests) nothing is uploaded, so the directory must outlive this call and stays in the temp dir.
-    ckpt_dir = tempfile.mkdtemp(prefix="sasrec-ckpt-")
-    torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-               os.path.join(ckpt_dir, "state.pt"))
-    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                     delete_local_checkpoint_after_upload=True)
 
 
 def fit_sasrec(spec: SASRecJobSpec, out_dir: str, storage_path: str, run_name: str,
@@ -241,10 +232,17 @@ def fit_sasrec(spec: SASRecJobSpec, out_dir: str, storage_path: str, run_name: s
 def run_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: SeqTrainConfig, storage_path: str,
                 run_name: str, what: str) -> tuple[dict, dict[str, Any]]:
     """Fit a sequential recommender's per-worker `loop` under a TorchTrainer (DDP, a checkpoint per epoch,
-    worker-group restarts); returns (best weights, final report) from the last checkpoint's state.pt."""
+    worker-group restarts); returns (best weights, final report) from the last checkpoint's state.pt.
+
+    In local mode (num_workers=0) the loop's checkpoints go to a folder under the run's storage (see
+    `report_checkpoint`)."""
     from recalign.distributed import fit_torch_trainer
 
-    result = fit_torch_trainer(loop, loop_config, cfg, storage_path, run_name, f"{what} training")
+    local_dir = os.path.join(io.local_path(storage_path), run_name, "local") if cfg.num_workers == 0 else None
+    result = fit_torch_trainer(loop, {**loop_config, "local_checkpoint_dir": local_dir}, num_workers=cfg.num_workers,
+                               use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                               num_to_keep=cfg.checkpoints_to_keep, storage_path=storage_path, run_name=run_name,
+                               what=f"{what} training")
     with result.checkpoint.as_directory() as ckpt_dir:
         saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
     state = saved["state"]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from recalign import io, prompts
+from recalign import prompts
 from recalign.data.dataset import Dataset
 
 
@@ -56,21 +56,6 @@ def build_prompts(data: Dataset, split: str, rows: np.ndarray, tokenizer, cfg: R
     pcfg = cfg.prompt_config()
     return [prompts.render(tokenizer, prompts.rerank_messages(
         data.items, arrays.history[r], arrays.history_ratings[r], arrays.candidates[r], pcfg)) for r in rows]
-
-
-def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer): the base causal LM, with a LoRA adapter merged in when given."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    if adapter_path:
-        from peft import PeftModel
-
-        with io.local_copy(adapter_path) as local:  # the adapter may sit in s3:// run storage
-            model = PeftModel.from_pretrained(model, local).merge_and_unload()
-    return model.eval(), tokenizer
 
 
 class LetterScorer:

@@ -22,7 +22,7 @@ import torch
 from recalign import metrics
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KASASRec
-from recalign.reward.encoder import KnowledgeTable
+from recalign.recsys.knowledge import KnowledgeTable
 from recalign.recsys.ka_train import score_with_knowledge
 
 REWARD_K = 10

@@ -1,80 +1,32 @@
-"""Stages 2-4 of RLRF4Rec over a run dir: embeddings -> reward model -> rewards -> pairs.
+"""Stages 2-3 of RLRF4Rec over a run dir: embeddings -> reward model -> rewards.
 
     samples/ (sampling stage)  -> embeddings/embeddings.parquet        (Ray Data actor pool)
     data/ + embeddings/        -> reward_model/{ka,plain}/model.pt     (Ray Train, KA-SASRec + control)
                                   reward_model/comparison.{json,md}    (validation, paired CIs)
     reward_model/ + data/      -> rewards/rewards.parquet, summary.json (train targets only)
-    samples/ + rewards/ + data/ + baselines/sasrec/ -> pairs/{knowledge,rerank}.parquet, summary.json
 
-Every stage is skipped when its output exists for the same config and inputs (`recalign.stage`).
-Only `train`-split samples and examples are read, so test items never reach any of them.
+Every stage is skipped when its output exists for the same config and inputs (`recalign.runs.run_stage`).
+Only `train`-split samples and examples are read, so test items never reach any of them. The pairs
+built from the rewards are the pairs stage's (`recalign.pairs.stage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from typing import Callable
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from recalign import io, stage
+from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.summary import markdown_table
 from recalign.recsys.ka_sasrec import KAConfig
+from recalign.recsys.knowledge import knowledge_table
 from recalign.recsys.sasrec import SASRecConfig
-from recalign.pairs.build import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
-from recalign.reward.encoder import EncoderConfig, embed_samples, knowledge_table, resolve_encoder
+from recalign.recsys.train import SeqTrainConfig
+from recalign.reward.encoder import EncoderConfig, embed_samples, resolve_encoder
 from recalign.reward.rewards import RewardConfig, compute_rewards, summarise_rewards
 from recalign.reward.validation import CompareConfig, compare_on_valid
-from recalign.runs import RunSpec
-from recalign.recsys.train import SeqTrainConfig
-
-Log = Callable[[str], None]
-SAMPLE_COLUMNS = ("user_idx", "split", "sample_idx", "prompt", "response")
-# Settings that change where or how fast training runs, not what it learns.
-INFRA_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "eval_batch_size")
-
-
-def load_samples(samples_dir: str) -> pa.Table:
-    """The sampling stage's rows for `train` prompts (other splits are never used for rewards or pairs)."""
-    from recalign.sampling.actors import read_samples
-
-    if not io.exists(io.join(samples_dir, "meta.json")):
-        raise FileNotFoundError(f"{samples_dir}: no meta.json; the sampling stage has not finished (jobs/sample.py)")
-    table = read_samples(samples_dir)
-    missing = [c for c in SAMPLE_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{samples_dir}: samples table lacks column(s) {missing}")
-    table = table.filter(pc.equal(table["split"], PAIRS_SPLIT))
-    if table.num_rows == 0:
-        raise ValueError(f"{samples_dir}: no samples for {PAIRS_SPLIT!r} prompts")
-    frame = table.select(["user_idx", "sample_idx"]).to_pandas()
-    if frame.duplicated().any():
-        row = frame[frame.duplicated()].iloc[0]
-        raise ValueError(f"{samples_dir}: duplicate sample user_idx={row.user_idx} sample_idx={row.sample_idx}")
-    per_user = frame.groupby("user_idx").size()
-    if per_user.nunique() != 1:
-        raise ValueError(f"{samples_dir}: users have different sample counts ({per_user.min()}..{per_user.max()}); "
-                         "the sampling stage writes exactly N per user")
-    return table.sort_by([("user_idx", "ascending"), ("sample_idx", "ascending")])
-
-
-def input_key(out_dir: str) -> str:
-    """Fingerprint of a stage output: its marker when it has one, else its files' names, sizes and mtimes."""
-    if io.exists(io.join(out_dir, stage.MARKER)):
-        return stage.fingerprint_of(out_dir)
-    import pyarrow.fs as pafs
-
-    fs, path = io.resolve(out_dir)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    if not listing:
-        raise FileNotFoundError(f"{out_dir}: empty or missing; run the stage that writes it first")
-    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+from recalign.runs import Log, RunSpec, input_key, learning_key, run_stage
+from recalign.sampling.stage import load_samples
 
 
 def embeddings_stage(run: RunSpec, cfg: EncoderConfig, log: Log = print, force: bool = False) -> dict:
@@ -91,11 +43,7 @@ def embeddings_stage(run: RunSpec, cfg: EncoderConfig, log: Log = print, force: 
         log(f"[embeddings] {table.num_rows} analyses of {len(set(table['user_idx'].to_pylist()))} users -> {dim}-d")
         return {"rows": table.num_rows, "dim": dim, "model": model_path}
 
-    return stage.run("embeddings", out_dir, key, build, log, force)
-
-
-def _train_key(cfg: SeqTrainConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in INFRA_KEYS}
+    return run_stage("embeddings", out_dir, key, build, log, force)
 
 
 def reward_model_stage(run: RunSpec, model_cfg: SASRecConfig, ka_cfg: KAConfig, train_cfg: SeqTrainConfig,
@@ -107,7 +55,7 @@ def reward_model_stage(run: RunSpec, model_cfg: SASRecConfig, ka_cfg: KAConfig, 
     baseline_dir = run.dir("baselines", "sasrec")
     has_baseline = io.exists(io.join(baseline_dir, "model.pt"))
     key = fingerprint({"data": input_key(run.dir("data")), "embeddings": input_key(run.dir("embeddings")),
-                       "model": to_dict(model_cfg), "ka": to_dict(ka_cfg), "train": _train_key(train_cfg),
+                       "model": learning_key(model_cfg), "ka": learning_key(ka_cfg), "train": learning_key(train_cfg),
                        "compare": to_dict(compare_cfg), "baseline": input_key(baseline_dir) if has_baseline else None})
     out_dir = run.dir("reward_model")
 
@@ -135,7 +83,7 @@ def reward_model_stage(run: RunSpec, model_cfg: SASRecConfig, ka_cfg: KAConfig, 
         summary["table"] = table
         return summary
 
-    return stage.run("reward_model", out_dir, key, train, log, force)
+    return run_stage("reward_model", out_dir, key, train, log, force)
 
 
 def rewards_stage(run: RunSpec, cfg: RewardConfig, log: Log = print, force: bool = False) -> dict:
@@ -159,52 +107,4 @@ def rewards_stage(run: RunSpec, cfg: RewardConfig, log: Log = print, force: bool
             f"{summary['mean']['ndcg10_no_knowledge']:.4f} without knowledge")
         return summary
 
-    return stage.run("rewards", out_dir, key, build, log, force)
-
-
-def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = False) -> dict:
-    """Write pairs/<path>.parquet for each configured path and pairs/summary.json."""
-    from recalign.llm import resolve_model
-
-    model_path = resolve_model(cfg.model, cfg.models_dir) if "rerank" in cfg.paths else ""
-    hard = "rerank" in cfg.paths and cfg.negatives == "hard"
-    key = fingerprint({
-        "data": input_key(run.dir("data")), "cfg": to_dict(cfg), "model": model_path,
-        "knowledge": [input_key(run.dir("samples")), input_key(run.dir("rewards"))] if "knowledge" in cfg.paths
-        else None, "sasrec": input_key(run.dir("baselines", "sasrec")) if hard else None})
-    out_dir = run.dir("pairs")
-
-    def build() -> dict:
-        summary: dict = {"num_negatives": cfg.num_negatives, "margin": cfg.margin}
-        for path in PATHS:
-            if path not in cfg.paths:
-                io.delete(io.join(out_dir, f"{path}.parquet"))  # never leave a stale set beside fresh ones
-                continue
-            table, counts = _build_path(run, cfg, path, model_path)
-            validate_pairs(table, f"pairs/{path}")
-            io.write_parquet(table, io.join(out_dir, f"{path}.parquet"))
-            summary[path] = counts
-            log(f"[pairs] {path}: {counts['kept']} pairs of {counts['users']} users, K={cfg.num_negatives} "
-                + (f"({counts['dropped_margin']} dropped by margin {cfg.margin:g})" if path == "knowledge"
-                   else f"({cfg.negatives} negatives)"))
-        io.write_json(summary, io.join(out_dir, "summary.json"))
-        return summary
-
-    return stage.run("pairs", out_dir, key, build, log, force)
-
-
-def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> tuple[pa.Table, dict]:
-    if path == "knowledge":
-        rewards = io.read_parquet(run.dir("rewards", "rewards.parquet"))
-        return knowledge_pairs(load_samples(run.dir("samples")), rewards, cfg)
-    from transformers import AutoTokenizer
-
-    from recalign.recsys.train import load_model, score_split
-
-    data = Dataset(run.dir("data"))
-    scores = None
-    if cfg.negatives == "hard":
-        split = data.split(PAIRS_SPLIT)
-        scores = score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
-    return rerank_pairs(data, AutoTokenizer.from_pretrained(model_path), cfg, np.asarray(scores) if scores is not None
-                        else None)
+    return run_stage("rewards", out_dir, key, build, log, force)

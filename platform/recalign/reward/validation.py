@@ -22,7 +22,7 @@ from recalign.data.dataset import Dataset
 from recalign.evaluation.summary import EvalConfig, summarise
 from recalign.recsys.ka_sasrec import KASASRec
 from recalign.recsys.sasrec import SASRec
-from recalign.reward.encoder import KnowledgeTable
+from recalign.recsys.knowledge import KnowledgeTable
 from recalign.recsys.ka_train import score_with_knowledge
 from recalign.recsys.train import score_split
 

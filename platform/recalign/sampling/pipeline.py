@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -26,47 +26,10 @@ import pyarrow.compute as pc
 
 from recalign import io
 from recalign.config import fingerprint
-from recalign.data.protocol import SPLITS
-from recalign.prompts import PromptConfig
-from recalign.sampling.engines import Engine, EngineConfig, make_engine
+from recalign.runs import Log
+from recalign.sampling.config import SampleConfig
+from recalign.sampling.engines import Engine, make_engine
 from recalign.sampling.actors import PromptBuilder, SamplerStage, check_samples, read_samples, samples_per_user
-
-MAX_SAMPLES = 16
-
-
-@dataclass
-class SampleConfig:
-    model: str = "smollm2"  # "smollm2" (embedded default, converted once), a .gguf file, or a local HF folder
-    models_dir: str = "models"  # where converted checkpoints are kept
-    num_samples: int = 4  # N: analyses sampled per user (1..16)
-    max_new_tokens: int = 160  # completion budget; the prompt asks for one short paragraph
-    temperature: float = 0.8  # > 0 so the N samples differ (pairs need best vs worst); 0 = greedy, N must be 1
-    top_p: float = 0.95
-    seed: int = 0  # engine seed, set once per engine and recorded in every row
-    num_users: int = 0  # users to sample: 0 = all, else a seeded random subset of this size
-    subset_seed: int = 0  # seeds the subset; subsets of one seed are nested (32 users are in the 64)
-    split: str = "train"  # whose example history builds the prompt (train keeps valid/test targets out)
-    num_actors: int = 1  # sampler actors (one engine each)
-    batch_size: int = 16  # users per batch; each batch is one generate call and one Parquet file
-    cpus_per_actor: float = 1.0  # Ray CPUs reserved per sampler actor
-    num_gpus: float = 0.0  # Ray GPUs per sampler actor (GPU nodes: engine.tensor_parallel_size)
-    max_actor_restarts: int = 3  # a sampler actor that dies more often fails the job instead of looping
-    overwrite: bool = False  # discard samples written with other settings instead of failing
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_samples <= MAX_SAMPLES:
-            raise ValueError(f"num_samples must be in 1..{MAX_SAMPLES}, got {self.num_samples}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1] and max_new_tokens >= 1")
-        if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError("temperature=0 (greedy) would give num_samples identical samples; use num_samples=1")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.num_users < 0 or self.num_actors < 1 or self.batch_size < 1 or self.max_actor_restarts < 0:
-            raise ValueError("num_users >= 0, num_actors >= 1, batch_size >= 1, max_actor_restarts >= 0 required")
-
 
 def generation_key(cfg: SampleConfig, data_fingerprint: str) -> dict:
     """The settings that shape the samples; rows written under another key must not be mixed in."""
@@ -88,7 +51,7 @@ def select_users(examples: pa.Table, num_users: int, seed: int) -> pa.Table:
 
 
 def run_sampling(cfg: SampleConfig, data_dir: str, out_dir: str,
-                 engine_factory: Callable[[], Engine] | None = None, log: Callable[[str], None] = print) -> dict:
+                 engine_factory: Callable[[], Engine] | None = None, log: Log = print) -> dict:
     """Sample N analyses for every selected user not yet written; returns the stage summary (meta.json)."""
     import ray
 
@@ -128,7 +91,7 @@ def run_sampling(cfg: SampleConfig, data_dir: str, out_dir: str,
 
 
 def _sample_users(cfg: SampleConfig, data_dir: str, out_dir: str, model_path: str, todo: pa.Table,
-                  engine_factory: Callable[[], Engine] | None, log: Callable[[str], None], ray) -> dict:
+                  engine_factory: Callable[[], Engine] | None, log: Log, ray) -> dict:
     """Run the Ray Data pipeline over `todo`; logs progress per written batch."""
     from ray.data import ActorPoolStrategy
 
@@ -166,7 +129,7 @@ def _sample_users(cfg: SampleConfig, data_dir: str, out_dir: str, model_path: st
             "tokens_per_second_this_run": round(tokens / max(time.perf_counter() - start, 1e-9), 2)}
 
 
-def _pin_config(out_dir: str, key: dict, overwrite: bool, log: Callable[[str], None]) -> None:
+def _pin_config(out_dir: str, key: dict, overwrite: bool, log: Log) -> None:
     """Write config.json for a fresh dir; refuse (or, with overwrite, wipe) a dir written under another key."""
     uri = io.join(out_dir, "config.json")
     if io.exists(uri):
@@ -181,17 +144,3 @@ def _pin_config(out_dir: str, key: dict, overwrite: bool, log: Callable[[str], N
         log(f"[sample] overwrite: discarding {out_dir} (changed: {', '.join(changed)})")
         io.delete(out_dir)
     io.write_json({"key": key, "fingerprint": fingerprint(key)}, uri)
-
-
-def sample_stage(run, cfg: SampleConfig, log: Callable[[str], None] = print, force: bool = False) -> dict:
-    """`samples/` of a run, skipped when finished for the same users and generation settings.
-
-    Engine and actor settings are not part of the key: they change how fast samples come, not which.
-    A changed generation setting fails in `run_sampling` unless `overwrite` is set (samples are costly).
-    """
-    from recalign import stage
-
-    key = fingerprint({**generation_key(cfg, stage.fingerprint_of(run.dir("data"))), "num_users": cfg.num_users,
-                       "subset_seed": cfg.subset_seed})
-    return stage.run("sample", run.dir("samples"), key,
-                     lambda: run_sampling(cfg, run.dir("data"), run.dir("samples"), log=log), log, force)

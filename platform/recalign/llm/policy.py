@@ -1,0 +1,20 @@
+"""An LLM policy as inference code loads it: the base causal LM, with a LoRA adapter merged in."""
+
+from __future__ import annotations
+
+from recalign import io
+
+
+def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer): the base causal LM, with a LoRA adapter merged in when given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if adapter_path:
+        from peft import PeftModel
+
+        with io.local_copy(adapter_path) as local:  # the adapter may sit in s3:// run storage
+            model = PeftModel.from_pretrained(model, local).merge_and_unload()
+    return model.eval(), tokenizer

@@ -1,0 +1,66 @@
+"""The pairs stage: preference pairs of a run under `<run>/pairs/` (see `recalign.pairs.build`).
+
+    samples/ + rewards/ + data/ -> pairs/knowledge.parquet   (best analysis vs the K worst)
+    data/ + baselines/sasrec/   -> pairs/rerank.parquet      (the target's letter vs K negatives)
+                                   pairs/summary.json        (counts per path)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from recalign import io
+from recalign.config import fingerprint, to_dict
+from recalign.data.dataset import Dataset
+from recalign.pairs.build import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
+from recalign.runs import Log, RunSpec, input_key, run_stage
+from recalign.sampling.stage import load_samples
+
+
+def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = False) -> dict:
+    """Write pairs/<path>.parquet for each configured path and pairs/summary.json."""
+    from recalign.llm import resolve_model
+
+    model_path = resolve_model(cfg.model, cfg.models_dir) if "rerank" in cfg.paths else ""
+    hard = "rerank" in cfg.paths and cfg.negatives == "hard"
+    key = fingerprint({
+        "data": input_key(run.dir("data")), "cfg": to_dict(cfg), "model": model_path,
+        "knowledge": [input_key(run.dir("samples")), input_key(run.dir("rewards"))] if "knowledge" in cfg.paths
+        else None, "sasrec": input_key(run.dir("baselines", "sasrec")) if hard else None})
+    out_dir = run.dir("pairs")
+
+    def build() -> dict:
+        summary: dict = {"num_negatives": cfg.num_negatives, "margin": cfg.margin}
+        for path in PATHS:
+            if path not in cfg.paths:
+                io.delete(io.join(out_dir, f"{path}.parquet"))  # never leave a stale set beside fresh ones
+                continue
+            table, counts = _build_path(run, cfg, path, model_path)
+            validate_pairs(table, f"pairs/{path}")
+            io.write_parquet(table, io.join(out_dir, f"{path}.parquet"))
+            summary[path] = counts
+            log(f"[pairs] {path}: {counts['kept']} pairs of {counts['users']} users, K={cfg.num_negatives} "
+                + (f"({counts['dropped_margin']} dropped by margin {cfg.margin:g})" if path == "knowledge"
+                   else f"({cfg.negatives} negatives)"))
+        io.write_json(summary, io.join(out_dir, "summary.json"))
+        return summary
+
+    return run_stage("pairs", out_dir, key, build, log, force)
+
+
+def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> tuple[pa.Table, dict]:
+    if path == "knowledge":
+        rewards = io.read_parquet(run.dir("rewards", "rewards.parquet"))
+        return knowledge_pairs(load_samples(run.dir("samples"), PAIRS_SPLIT), rewards, cfg)
+    from transformers import AutoTokenizer
+
+    from recalign.recsys.train import load_model, score_split
+
+    data = Dataset(run.dir("data"))
+    scores = None
+    if cfg.negatives == "hard":
+        split = data.split(PAIRS_SPLIT)
+        scores = score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
+    return rerank_pairs(data, AutoTokenizer.from_pretrained(model_path), cfg, np.asarray(scores) if scores is not None
+                        else None)
