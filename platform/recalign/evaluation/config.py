@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from recalign.evaluation.knowledge import KnowledgeGenConfig
-from recalign.evaluation.summary import EvalConfig
+from recalign.systems import EvalConfig
 from recalign.rerank.scorer import RerankConfig
 
 

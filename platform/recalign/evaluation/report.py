@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from recalign import io
-from recalign.evaluation.summary import markdown_table
+from recalign.systems import markdown_table
 from recalign.plots import pyplot, save_png
 
 

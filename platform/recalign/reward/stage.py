@@ -17,7 +17,7 @@ import dataclasses
 from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.evaluation.summary import markdown_table
+from recalign.systems import markdown_table
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.knowledge import knowledge_table
 from recalign.recsys.sasrec import SASRecConfig

@@ -19,7 +19,7 @@ import numpy as np
 
 from recalign import metrics
 from recalign.data.dataset import Dataset
-from recalign.evaluation.summary import EvalConfig, summarise
+from recalign.systems import EvalConfig, summarise
 from recalign.recsys.ka_sasrec import KASASRec
 from recalign.recsys.sasrec import SASRec
 from recalign.recsys.knowledge import KnowledgeTable
