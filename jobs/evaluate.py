@@ -10,11 +10,12 @@ policy/rerank/. Per-system results are cached, so a re-run scores only what is n
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
+from recalign.config import option
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.evaluation.stage import evaluate_stage
 from recalign.prompts import PromptConfig
@@ -24,12 +25,12 @@ from recalign.sampling.engines import EngineConfig
 
 @dataclass
 class EvaluateJob:
-    run: RunSpec = field(default_factory=RunSpec)  # the run whose artifacts are evaluated
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    model: str = "smollm2"  # the run's base LLM: "smollm2", "tiny" or a local HF folder
-    models_dir: str = "models"  # where named models are converted or built
-    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)  # split, subsets, metrics, re-ranker prompts
-    engine: EngineConfig = field(default_factory=EngineConfig)  # engine of the greedy analyses for KA-SASRec
+    run: RunSpec = option(factory=RunSpec, help="the run whose artifacts are evaluated")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    model: str = option("smollm2", "the run's base LLM: \"smollm2\", \"tiny\" or a local HF folder")
+    models_dir: str = option("models", "where named models are converted or built")
+    eval: FinalEvalConfig = option(factory=FinalEvalConfig, help="split, subsets, metrics, re-ranker prompts")
+    engine: EngineConfig = option(factory=EngineConfig, help="engine of the greedy analyses for KA-SASRec")
 
 
 def main(argv: list[str] | None = None) -> dict:

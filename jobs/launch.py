@@ -17,16 +17,16 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
-from recalign.config import ConfigError, load_config
+from recalign.config import ConfigError, load_config, option
 
 T = TypeVar("T")
 
 
 @dataclass
 class RayConfig:
-    num_cpus: int = 0  # embedded Ray's logical CPUs; 0 = max(4, cores) so 2 workers + actors fit
-    object_store_mb: int = 1024  # embedded Ray's object store
-    dashboard: bool = True  # embedded Ray's dashboard on 127.0.0.1 (Ray's State API, used by Train, needs it)
+    num_cpus: int = option(0, "embedded Ray's logical CPUs; 0 = max(4, cores) so 2 workers + actors fit")
+    object_store_mb: int = option(1024, "embedded Ray's object store")
+    dashboard: bool = option(True, "embedded Ray's dashboard on 127.0.0.1 (Ray's State API, used by Train, needs it)")
 
 
 def parse_args(cls: type[T], argv: list[str] | None = None) -> T:

@@ -25,29 +25,30 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
 from recalign.align.config import PoliciesConfig
 from recalign.align.stage import policies_stage
+from recalign.config import option
 from recalign.data.dataset import DataConfig
 from recalign.data.stage import prepare_stage
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.evaluation.stage import evaluate_stage
+from recalign.pairs.build import PairsConfig
+from recalign.pairs.stage import pairs_stage
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.sasrec import SASRecConfig
-from recalign.pairs.build import PairsConfig
+from recalign.recsys.stage import sasrec_stage
+from recalign.recsys.train import SeqTrainConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.pairs.stage import pairs_stage
-from recalign.recsys.stage import sasrec_stage
 from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
 from recalign.sampling.config import SampleConfig
 from recalign.sampling.stage import sample_stage
-from recalign.recsys.train import SeqTrainConfig
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
 STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")
@@ -55,24 +56,24 @@ STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "
 
 @dataclass
 class PipelineJob:
-    run: RunSpec = field(default_factory=RunSpec)  # run dir: <root>/<name>
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    model: str = "smollm2"  # the LLM of every stage: "smollm2", "tiny" (smoke runs) or a local HF folder
-    models_dir: str = "models"  # where named models are converted or built
-    data: DataConfig = field(default_factory=DataConfig)  # dataset and protocol
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)  # SASRec architecture (baseline and KA-SASRec)
-    sasrec_train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # SASRec baseline training
-    sample: SampleConfig = field(default_factory=SampleConfig)  # N analyses per user; its model is `model`
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # text encoder of the analyses
-    ka: KAConfig = field(default_factory=KAConfig)  # knowledge adaptor of the reward model
-    ka_train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # reward model training
-    compare: CompareConfig = field(default_factory=CompareConfig)  # KA-SASRec vs SASRec on validation
-    reward: RewardConfig = field(default_factory=RewardConfig)  # reward = NDCG@10 + tie-break
-    pairs: PairsConfig = field(default_factory=PairsConfig)  # K negatives, margin, hard/random negatives
-    policies: PoliciesConfig = field(default_factory=PoliciesConfig)  # which policies, LoRA and training
-    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)  # test-split evaluation of every system
-    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to run, in pipeline order
-    force: list[str] = field(default_factory=list)  # stages to rerun even if up to date
+    run: RunSpec = option(factory=RunSpec, help="run dir: <root>/<name>")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    model: str = option("smollm2", "the LLM of every stage: \"smollm2\", \"tiny\" (smoke runs) or a local HF folder")
+    models_dir: str = option("models", "where named models are converted or built")
+    data: DataConfig = option(factory=DataConfig, help="dataset and protocol")
+    sasrec: SASRecConfig = option(factory=SASRecConfig, help="SASRec architecture (baseline and KA-SASRec)")
+    sasrec_train: SeqTrainConfig = option(factory=SeqTrainConfig, help="SASRec baseline training")
+    sample: SampleConfig = option(factory=SampleConfig, help="N analyses per user; its model is `model`")
+    encoder: EncoderConfig = option(factory=EncoderConfig, help="text encoder of the analyses")
+    ka: KAConfig = option(factory=KAConfig, help="knowledge adaptor of the reward model")
+    ka_train: SeqTrainConfig = option(factory=SeqTrainConfig, help="reward model training")
+    compare: CompareConfig = option(factory=CompareConfig, help="KA-SASRec vs SASRec on validation")
+    reward: RewardConfig = option(factory=RewardConfig, help="reward = NDCG@10 + tie-break")
+    pairs: PairsConfig = option(factory=PairsConfig, help="K negatives, margin, hard/random negatives")
+    policies: PoliciesConfig = option(factory=PoliciesConfig, help="which policies, LoRA and training")
+    eval: FinalEvalConfig = option(factory=FinalEvalConfig, help="test-split evaluation of every system")
+    stages: list[str] = option(factory=lambda: list(STAGES), help="stages to run, in pipeline order")
+    force: list[str] = option(factory=list, help="stages to rerun even if up to date")
 
 
 def parse(argv: list[str] | None) -> PipelineJob:

@@ -5,19 +5,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import parse_args
 
-from recalign.data.stage import prepare_stage
+from recalign.config import option
 from recalign.data.dataset import DataConfig
+from recalign.data.stage import prepare_stage
 from recalign.runs import RunSpec
 
 
 @dataclass
 class PrepareJob:
-    run: RunSpec = field(default_factory=RunSpec)  # where the run's artifacts live
-    data: DataConfig = field(default_factory=DataConfig)  # source and protocol
+    run: RunSpec = option(factory=RunSpec, help="where the run's artifacts live")
+    data: DataConfig = option(factory=DataConfig, help="source and protocol")
 
 
 def main(argv: list[str] | None = None) -> dict:

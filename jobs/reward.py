@@ -10,37 +10,38 @@ and pairs/.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
+from recalign.config import option
+from recalign.pairs.build import PairsConfig
+from recalign.pairs.stage import pairs_stage
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.sasrec import SASRecConfig
-from recalign.pairs.build import PairsConfig
+from recalign.recsys.train import SeqTrainConfig
 from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
-from recalign.pairs.stage import pairs_stage
 from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
 from recalign.runs import RunSpec
-from recalign.recsys.train import SeqTrainConfig
 
 STAGES = ("embeddings", "reward_model", "rewards", "pairs")
 
 
 @dataclass
 class RewardJob:
-    run: RunSpec = field(default_factory=RunSpec)  # run dir holding data/ and samples/
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # text encoder (all-MiniLM-L6-v2 by default)
-    model: SASRecConfig = field(default_factory=SASRecConfig)  # SASRec part of KA-SASRec (and the control)
-    ka: KAConfig = field(default_factory=KAConfig)  # knowledge adaptor, gate and knowledge dropout
-    train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # optimisation, workers, early stopping
-    compare: CompareConfig = field(default_factory=CompareConfig)  # validation comparison with paired CIs
-    reward: RewardConfig = field(default_factory=RewardConfig)  # NDCG@10 + tie-break on the train target
-    pairs: PairsConfig = field(default_factory=PairsConfig)  # paths, K negatives, margin, rerank negatives
-    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to run, in order
-    force: list[str] = field(default_factory=list)  # stages to rerun even if up to date
+    run: RunSpec = option(factory=RunSpec, help="run dir holding data/ and samples/")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    encoder: EncoderConfig = option(factory=EncoderConfig, help="text encoder (all-MiniLM-L6-v2 by default)")
+    model: SASRecConfig = option(factory=SASRecConfig, help="SASRec part of KA-SASRec (and the control)")
+    ka: KAConfig = option(factory=KAConfig, help="knowledge adaptor, gate and knowledge dropout")
+    train: SeqTrainConfig = option(factory=SeqTrainConfig, help="optimisation, workers, early stopping")
+    compare: CompareConfig = option(factory=CompareConfig, help="validation comparison with paired CIs")
+    reward: RewardConfig = option(factory=RewardConfig, help="NDCG@10 + tie-break on the train target")
+    pairs: PairsConfig = option(factory=PairsConfig, help="paths, K negatives, margin, rerank negatives")
+    stages: list[str] = option(factory=lambda: list(STAGES), help="stages to run, in order")
+    force: list[str] = option(factory=list, help="stages to rerun even if up to date")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,10 +8,11 @@ pipeline (prompt builder -> vLLM/transformers sampler actors). Re-running skips 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
+from recalign.config import option
 from recalign.data.dataset import DataConfig, prepare
 from recalign.runs import RunSpec
 from recalign.sampling.config import SampleConfig
@@ -20,10 +21,10 @@ from recalign.sampling.pipeline import run_sampling
 
 @dataclass
 class SampleJob:
-    run: RunSpec = field(default_factory=RunSpec)  # writes runs/<name>/data and runs/<name>/samples
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    data: DataConfig = field(default_factory=DataConfig)  # dataset and protocol (prepared if missing)
-    sample: SampleConfig = field(default_factory=SampleConfig)  # model, N, engine, users, actors
+    run: RunSpec = option(factory=RunSpec, help="writes runs/<name>/data and runs/<name>/samples")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    data: DataConfig = option(factory=DataConfig, help="dataset and protocol (prepared if missing)")
+    sample: SampleConfig = option(factory=SampleConfig, help="model, N, engine, users, actors")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,33 +10,33 @@ results.csv, sweep.png and best.json, which the pipeline reads with `align_from_
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
 from recalign.align.config import AlignConfig, SweepConfig
-from recalign.config import fingerprint, to_dict
+from recalign.align.sweep import TrialSpec, results_frame, run_sweep, validation_rows, write_results
+from recalign.config import fingerprint, option, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
 from recalign.rerank.scorer import RerankConfig, build_prompts
 from recalign.runs import RunSpec, learning_key
-from recalign.align.sweep import TrialSpec, results_frame, run_sweep, validation_rows, write_results
 
 
 @dataclass
 class SweepJob:
-    run: RunSpec = field(default_factory=RunSpec)  # run whose data/ and pairs/ are used; results in <run>/sweep/
-    ray: RayConfig = field(default_factory=RayConfig)  # embedded Ray settings (RAY_ADDRESS joins a cluster)
-    model: str = "smollm2"  # base LLM: "smollm2" (converted default) or a local HF folder
-    models_dir: str = "models"  # where converted models live
-    pairs: str = "rerank"  # pairs/<pairs>.parquet the trials train on
-    # Adapter every trial starts from (and whose log-probs are the reference), relative to the run dir:
-    # policy/rerank/sft searches what the pipeline's SFT+<loss> policies do. "" = a fresh LoRA on the base model.
-    init_adapter: str = ""
-    align: AlignConfig = field(default_factory=AlignConfig)  # base alignment config (searched fields overridden)
-    rerank: RerankConfig = field(default_factory=RerankConfig)  # validation re-ranker prompts and scoring
-    sweep: SweepConfig = field(default_factory=SweepConfig)  # search space, ASHA, validation users
+    run: RunSpec = option(factory=RunSpec, help="run whose data/ and pairs/ are used; results in <run>/sweep/")
+    ray: RayConfig = option(factory=RayConfig, help="embedded Ray settings (RAY_ADDRESS joins a cluster)")
+    model: str = option("smollm2", "base LLM: \"smollm2\" (converted default) or a local HF folder")
+    models_dir: str = option("models", "where converted models live")
+    pairs: str = option("rerank", "pairs/<pairs>.parquet the trials train on")
+    init_adapter: str = option("", "adapter every trial starts from (and whose log-probs are the reference), relative "
+                                   "to the run dir: policy/rerank/sft searches what the pipeline's SFT+<loss> "
+                                   "policies do; '' = a fresh LoRA on the base model")
+    align: AlignConfig = option(factory=AlignConfig, help="base alignment config (searched fields overridden)")
+    rerank: RerankConfig = option(factory=RerankConfig, help="validation re-ranker prompts and scoring")
+    sweep: SweepConfig = option(factory=SweepConfig, help="search space, ASHA, validation users")
 
 
 def main(argv: list[str] | None = None) -> dict:

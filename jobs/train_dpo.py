@@ -11,43 +11,45 @@ Before the reward stage has produced pairs, `synthetic_pairs.enabled=true` write
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
 from recalign.align.config import AlignConfig
+from recalign.align.losses import LOSS_TYPES
 from recalign.align.stage import policy_stage
+from recalign.config import option
+from recalign.data.dataset import DataConfig
 from recalign.pairs.build import PATHS
 from recalign.pairs.heuristic import heuristic_pairs
-from recalign.data.dataset import DataConfig
-from recalign.align.losses import LOSS_TYPES
 from recalign.prompts import PromptConfig
 from recalign.runs import RunSpec
 
 
 @dataclass
 class SyntheticPairsConfig:
-    enabled: bool = False  # write heuristic pairs where <pairs_dir>/<path>.parquet is missing (smoke runs)
-    num_users: int = 64  # users per path; 0 = every user of the train split
-    num_negatives: int = 7  # rejected completions written per row (training uses the first align.num_negatives)
-    seed: int = 0  # user sample and negatives
+    enabled: bool = option(False, "write heuristic pairs where <pairs_dir>/<path>.parquet is missing (smoke runs)")
+    num_users: int = option(64, "users per path; 0 = every user of the train split")
+    num_negatives: int = option(7, "rejected completions written per row (training uses the first align.num_negatives)")
+    seed: int = option(0, "user sample and negatives")
 
 
 @dataclass
 class TrainDPOJob:
-    run: RunSpec = field(default_factory=RunSpec)  # where the run's artifacts live
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    model: str = "smollm2"  # base LLM: "smollm2" (converted once), "tiny" or a local Hugging Face folder
-    models_dir: str = "models"  # where named models are converted or built
-    paths: list[str] = field(default_factory=lambda: list(PATHS))  # pairs/<path>.parquet trained on, together
-    pairs_dir: str = ""  # folder of the pairs files; empty = <run>/pairs
-    loss_types: list[str] = field(default_factory=list)  # one policy per loss type; empty = [align.loss_type]
-    align: AlignConfig = field(default_factory=AlignConfig)  # losses, LoRA, optimisation, workers, checkpoints
-    data: DataConfig = field(default_factory=DataConfig)  # dataset for synthetic pairs (prepared if missing)
-    prompt: PromptConfig = field(default_factory=PromptConfig)  # prompts of synthetic pairs
-    synthetic_pairs: SyntheticPairsConfig = field(default_factory=SyntheticPairsConfig)
-    force: bool = False  # retrain even if the policy is up to date
+    run: RunSpec = option(factory=RunSpec, help="where the run's artifacts live")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    model: str = option("smollm2", "base LLM: \"smollm2\" (converted once), \"tiny\" or a local Hugging Face folder")
+    models_dir: str = option("models", "where named models are converted or built")
+    paths: list[str] = option(factory=lambda: list(PATHS), help="pairs/<path>.parquet trained on, together")
+    pairs_dir: str = option("", "folder of the pairs files; empty = <run>/pairs")
+    loss_types: list[str] = option(factory=list, help="one policy per loss type; empty = [align.loss_type]")
+    align: AlignConfig = option(factory=AlignConfig, help="losses, LoRA, optimisation, workers, checkpoints")
+    data: DataConfig = option(factory=DataConfig, help="dataset for synthetic pairs (prepared if missing)")
+    prompt: PromptConfig = option(factory=PromptConfig, help="prompts of synthetic pairs")
+    synthetic_pairs: SyntheticPairsConfig = option(factory=SyntheticPairsConfig, help="heuristic pairs for runs "
+                                                                                      "before the reward stage")
+    force: bool = option(False, "retrain even if the policy is up to date")
 
 
 def pairs_uris(cfg: TrainDPOJob) -> list[str]:

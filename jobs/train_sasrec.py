@@ -5,25 +5,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign.data.stage import prepare_stage
-from recalign.recsys.stage import sasrec_stage
+from recalign.config import option
 from recalign.data.dataset import DataConfig
+from recalign.data.stage import prepare_stage
 from recalign.recsys.sasrec import SASRecConfig
-from recalign.runs import RunSpec
+from recalign.recsys.stage import sasrec_stage
 from recalign.recsys.train import SeqTrainConfig
+from recalign.runs import RunSpec
 
 
 @dataclass
 class TrainSASRecJob:
-    run: RunSpec = field(default_factory=RunSpec)  # where the run's artifacts live
-    ray: RayConfig = field(default_factory=RayConfig)  # cluster address or embedded Ray settings
-    data: DataConfig = field(default_factory=DataConfig)  # prepared first if missing
-    model: SASRecConfig = field(default_factory=SASRecConfig)  # SASRec architecture
-    train: SeqTrainConfig = field(default_factory=SeqTrainConfig)  # optimisation, workers, fault tolerance
+    run: RunSpec = option(factory=RunSpec, help="where the run's artifacts live")
+    ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    data: DataConfig = option(factory=DataConfig, help="prepared first if missing")
+    model: SASRecConfig = option(factory=SASRecConfig, help="SASRec architecture")
+    train: SeqTrainConfig = option(factory=SeqTrainConfig, help="optimisation, workers, fault tolerance")
 
 
 def main(argv: list[str] | None = None) -> dict:

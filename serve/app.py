@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
 from recalign.llm.policy import load_policy
@@ -46,14 +47,14 @@ class Reranker:
 
 @dataclass
 class ServeJob:
-    run_dir: str = "runs/demo"  # run whose data/ (item titles) the service reads
-    model: str = "smollm2"  # base model: "smollm2" (converted default) or a local HF folder
-    models_dir: str = "models"  # where converted models live
-    adapter: str = ""  # LoRA adapter folder (absolute, or relative to run_dir); empty = base model
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 1  # Serve replicas; each holds rerank.cpus_per_actor CPUs and rerank.num_gpus GPUs
-    rerank: RerankConfig = field(default_factory=RerankConfig)
+    run_dir: str = option("runs/demo", "run whose data/ (item titles) the service reads")
+    model: str = option("smollm2", "base model: \"smollm2\" (converted default) or a local HF folder")
+    models_dir: str = option("models", "where converted models live")
+    adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir); empty = base model")
+    host: str = option("127.0.0.1", "HTTP host of the embedded Serve proxy")
+    port: int = option(8000, "HTTP port of the embedded Serve proxy")
+    replicas: int = option(1, "Serve replicas; each holds rerank.cpus_per_actor CPUs and rerank.num_gpus GPUs")
+    rerank: RerankConfig = option(factory=RerankConfig, help="re-ranker prompts, batching, dtype and resources")
 
 
 def build(cfg: ServeJob, loader=None):

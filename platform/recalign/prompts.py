@@ -19,6 +19,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from recalign.config import option
+
 LETTERS = string.ascii_uppercase
 
 SYSTEM = "You are an expert movie recommender who reads viewing histories carefully."
@@ -26,9 +28,9 @@ SYSTEM = "You are an expert movie recommender who reads viewing histories carefu
 
 @dataclass
 class PromptConfig:
-    max_history: int = 20  # most recent items shown in a prompt (<= the protocol's history_len)
-    show_ratings: bool = True
-    show_genres: bool = True
+    max_history: int = option(20, "most recent items shown in a prompt (<= the protocol's history_len)")
+    show_ratings: bool = option(True, "each history item shows the user's rating")
+    show_genres: bool = option(True, "each item shows its genres (prompts about twice as long)")
 
 
 # MovieLens writes "Usual Suspects, The"; a language model reads "The Usual Suspects" far better.

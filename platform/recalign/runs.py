@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from recalign import io
+from recalign.config import option
 
 Log = Callable[[str], None]
 MARKER = "_stage.json"
@@ -33,8 +34,8 @@ INFRA_KEYS = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "max_failur
 
 @dataclass
 class RunSpec:
-    name: str = "demo"  # run name: every stage of a pipeline writes under <root>/<name>/
-    root: str = "runs"  # local folder or filesystem URI (s3://bucket/runs, gs://...)
+    name: str = option("demo", "run name: every stage of a pipeline writes under <root>/<name>/")
+    root: str = option("runs", "local folder or filesystem URI (s3://bucket/runs, gs://...)")
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -7,20 +7,22 @@ reference system (SASRec by default) on the same rows, so differences come with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from recalign import metrics
+from recalign.config import option
 from recalign.data.dataset import Dataset, SplitArrays
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"  # protocol split to evaluate on
-    metrics: tuple[str, ...] = metrics.STANDARD  # hr@1, hr@5, ndcg@5, ndcg@10, mrr
-    reference: str = "sasrec"  # system every other one is compared against
-    num_resamples: int = 2000  # bootstrap resamples
-    confidence: float = 0.95
-    seed: int = 0  # random baseline and bootstrap seed
+    split: str = option("test", "protocol split to evaluate on")
+    metrics: tuple[str, ...] = option(metrics.STANDARD, "hr@1, hr@5, ndcg@5, ndcg@10, mrr")
+    reference: str = option("sasrec", "system every other one is compared against")
+    num_resamples: int = option(2000, "bootstrap resamples")
+    confidence: float = option(0.95, "coverage of the bootstrap intervals")
+    seed: int = option(0, "random baseline and bootstrap seed")
 
 
 def random_scores(split: SplitArrays, seed: int) -> np.ndarray:

@@ -5,17 +5,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 from recalign import io
-from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
+from recalign.align.config import AlignConfig
 from recalign.align.logprobs import PolicyScorer
+from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
 from recalign.pairs.build import PAIRS_SCHEMA
 from recalign.pairs.heuristic import heuristic_pairs
 from recalign.pairs.read import load_pairs
-from recalign.align.config import AlignConfig
+from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
-             target_modules=["q_proj", "v_proj", "up_proj"], lr=1e-2, num_workers=1)
+SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=48,
+             lora_target_modules=["q_proj", "v_proj", "up_proj"], learning_rate=1e-2, num_workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_load_pairs_keeps_the_first_k_and_names_bad_rows(pairs_uris, tmp_path):
 
 
 def test_plan_shards_are_disjoint_deterministic_and_resumable():
-    cfg = AlignConfig(batch_size=2, grad_accum=2, epochs=2, sft_epochs=1)
+    cfg = AlignConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2,
+                      sft_num_train_epochs=1)
     plan = Plan.build(num_examples=20, cfg=cfg, world=2)
     assert (plan.steps_per_epoch, plan.sft_steps, plan.preference_steps, plan.total_steps) == (2, 2, 4, 6)
     for step in range(plan.total_steps):
@@ -74,7 +75,8 @@ def test_plan_shards_are_disjoint_deterministic_and_resumable():
 
 
 def test_plan_learning_rate_warms_up_in_each_phase():
-    cfg = AlignConfig(batch_size=1, max_steps=3, sft_max_steps=2, lr=1e-4, sft_lr=2e-4, warmup_steps=2)
+    cfg = AlignConfig(per_device_train_batch_size=1, max_steps=3, sft_max_steps=2, learning_rate=1e-4,
+                      sft_learning_rate=2e-4, warmup_steps=2)
     plan = Plan.build(num_examples=8, cfg=cfg, world=1)
     assert [plan.phase(s) for s in range(5)] == ["sft", "sft", "preference", "preference", "preference"]
     assert [plan.learning_rate(s, cfg) for s in range(5)] == pytest.approx([1e-4, 2e-4, 5e-5, 1e-4, 1e-4])
@@ -84,14 +86,15 @@ def test_plan_learning_rate_warms_up_in_each_phase():
 def test_train_step_changes_every_lora_weight_and_no_frozen_weight(loss_type, pairs_uris, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    cfg = AlignConfig(loss_type=loss_type, num_negatives=3, batch_size=2, grad_accum=2, **SMALL)
+    cfg = AlignConfig(loss_type=loss_type, num_negatives=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                      **SMALL)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples = encode_pairs(tokenizer, load_pairs(pairs_uris, cfg.num_negatives), cfg)
     model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     scorer = PolicyScorer(model)
     plan = Plan.build(len(examples), cfg, world=1)
     # SFT warm-up step first (chosen only), then two preference steps against the warmed-up reference
@@ -114,12 +117,12 @@ def test_on_the_fly_reference_with_naive_path(pairs_uris, tiny_llama_dir):
     """No precomputed reference: the base model (adapter disabled) scores every step, via K+1 full sequences."""
     from transformers import AutoTokenizer
 
-    cfg = AlignConfig(loss_type="sdpo", num_negatives=2, batch_size=3, prompt_sharing="none", **SMALL)
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=2, per_device_train_batch_size=3, prompt_sharing="none", **SMALL)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
     model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     first = train_step(PolicyScorer(model, "none"), model, optimizer, examples, [np.arange(3)], cfg,
                        tokenizer.pad_token_id, torch.device("cpu"), "preference", None, trainable)
     # A fresh LoRA (B = 0) is the base model: every reward is 0 and the S-DPO loss is log(1 + K).
@@ -128,11 +131,11 @@ def test_on_the_fly_reference_with_naive_path(pairs_uris, tiny_llama_dir):
 
 
 def test_sft_only_config_plans_no_preference_steps():
-    cfg = AlignConfig(epochs=0, sft_epochs=2, batch_size=2)
+    cfg = AlignConfig(num_train_epochs=0, sft_num_train_epochs=2, per_device_train_batch_size=2)
     plan = Plan.build(num_examples=8, cfg=cfg, world=1)
     assert (plan.sft_steps, plan.preference_steps, plan.total_steps) == (8, 0, 8)
     with pytest.raises(ValueError, match="SFT-only"):
-        AlignConfig(epochs=0, sft_epochs=0)
+        AlignConfig(num_train_epochs=0, sft_num_train_epochs=0)
 
 
 def test_policy_starts_from_an_init_adapter_of_the_same_shape(tiny_llama_dir, tmp_path):
@@ -196,12 +199,13 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     sums = {}
     for precision in ("no", "bf16"):
-        cfg = AlignConfig(loss_type="sdpo", num_negatives=2, batch_size=2, mixed_precision=precision, **SMALL)
+        cfg = AlignConfig(loss_type="sdpo", num_negatives=2, per_device_train_batch_size=2, bf16=precision == "bf16",
+                          **SMALL)
         examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
         model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
         trainable = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in trainable]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
         reference = precompute_reference(model, examples, cfg, tokenizer.pad_token_id, 0, 1, torch.device("cpu"),
                                          adapter=False)
         sums[precision] = train_step(PolicyScorer(model), model, optimizer, examples, [np.arange(2)], cfg,
@@ -211,5 +215,3 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_
     # A fresh LoRA is the base model: both precisions start at the S-DPO loss log(1 + K) up to bf16 rounding.
     assert sums["no"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=1e-5)
     assert sums["bf16"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=0.05)
-    with pytest.raises(ValueError, match="mixed_precision"):
-        AlignConfig(mixed_precision="fp8")

@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers.pairs import write_pairs
 from recalign.align.config import AlignConfig, SweepConfig
-from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space,
-                            results_frame, run_sweep, validation_rows, write_results)
-
+from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space, results_frame,
+                                  run_sweep, validation_rows, write_results)
 from tests.helpers import REPO
+from tests.helpers.pairs import write_pairs
+
 # 4 examples, batch 2, 1 worker: 2 optimizer steps per epoch, so rung r ends at step 2r.
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=32, lr=5e-3,
-             batch_size=2, num_workers=1, checkpoint_every=50, max_failures=0)
+SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=32,
+             learning_rate=5e-3, per_device_train_batch_size=2, num_workers=1, save_steps=50, max_failures=0)
 TWO_TRIALS = SweepConfig(loss_types=["dmpo", "sdpo"], betas=[0.5], num_negatives=[1], rungs=2, grace_period=2,
                          max_concurrent=2, valid_users=4)
 

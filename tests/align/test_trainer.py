@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.pairs import write_pairs
 from recalign.align.config import AlignConfig
 from recalign.align.trainer import CrashOnce, train_policy
+from tests.helpers.pairs import write_pairs
 
 pytestmark = pytest.mark.ray
 
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_tokens=128, max_completion_tokens=48,
-             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-             lr=5e-3, batch_size=2, num_workers=2, checkpoint_every=2)
+SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=48,
+             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             learning_rate=5e-3, per_device_train_batch_size=2, num_workers=2, save_steps=2)
 TAGS = ["train/loss", "train/reward_accuracy", "train/rewards_chosen", "train/rewards_rejected", "train/reward_margin",
         "train/tokens_per_s", "sft/loss"]
 
@@ -34,8 +34,8 @@ def _grad_sync_loop(config):
 
     from recalign.align.logprobs import PolicyScorer, collate
     from recalign.align.loop import build_policy, encode_pairs, reference_logps
-    from recalign.pairs.read import load_pairs
     from recalign.align.losses import preference_loss
+    from recalign.pairs.read import load_pairs
 
     rank = ray.train.get_context().get_world_rank()
     cfg: AlignConfig = config["cfg"]
@@ -152,15 +152,15 @@ def test_job_trains_on_both_paths(ray_local, tiny_llama_dir, tmp_path):
 
     run = [f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dmpo]",
            "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=6", "synthetic_pairs.num_negatives=3",
-           "prompt.max_history=3", "align.num_negatives=2", "align.max_steps=2", "align.precompute_reference=true",
-           "align.lora_r=4", "align.lora_alpha=8", "align.max_prompt_tokens=96", "align.max_completion_tokens=32",
-           "align.batch_size=2"]
+           "prompt.max_history=3", "align.num_negatives=2", "align.max_steps=2", "align.precompute_ref_log_probs=true",
+           "align.lora_r=4", "align.lora_alpha=8", "align.max_prompt_length=96", "align.max_completion_length=32",
+           "align.per_device_train_batch_size=2"]
     summaries = train_dpo.main(run)
     out_dir = tmp_path / "t" / "policy" / "dmpo"
     assert summaries["dmpo"]["examples"] == 12 and summaries["dmpo"]["steps"] == 2
     assert (out_dir / "adapter_model.safetensors").exists() and (out_dir / "_stage.json").exists()
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["config"]["precompute_reference"] and metrics["num_negatives"] == 2
+    assert metrics["config"]["precompute_ref_log_probs"] and metrics["num_negatives"] == 2
     assert {p.split("/")[-1] for p in metrics["pairs"]} == {"knowledge.parquet", "rerank.parquet"}
     marker_mtime = (out_dir / "_stage.json").stat().st_mtime
     again = train_dpo.main(run)  # up to date: skipped
@@ -177,8 +177,9 @@ def test_job_trains_every_loss_type_with_sft_warmup(ray_local, tiny_llama_dir, t
         f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dpo,dmpo,sdpo]",
         "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=8", "synthetic_pairs.num_negatives=3",
         "prompt.max_history=3", "align.num_negatives=3", "align.max_steps=3", "align.sft_max_steps=2",
-        f"align.prompt_sharing={prompt_sharing}", "align.lora_r=4", "align.lora_alpha=8", "align.lr=5e-3",
-        "align.lora_dropout=0.0", "align.max_prompt_tokens=96", "align.max_completion_tokens=32", "align.batch_size=2"])
+        f"align.prompt_sharing={prompt_sharing}", "align.lora_r=4", "align.lora_alpha=8", "align.learning_rate=5e-3",
+        "align.lora_dropout=0.0", "align.max_prompt_length=96", "align.max_completion_length=32",
+        "align.per_device_train_batch_size=2"])
     assert set(summaries) == {"dpo", "dmpo", "sdpo"}
     for loss_type, summary in summaries.items():
         metrics = json.loads((tmp_path / "t" / "policy" / loss_type / "metrics.json").read_text())

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import fakes as sampling_fakes
 from recalign.evaluation.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import EngineConfig
+from tests.helpers import fakes as sampling_fakes
 
 
 @pytest.fixture

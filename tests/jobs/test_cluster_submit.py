@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.helpers import REPO
+
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 

@@ -3,9 +3,9 @@
 import json
 import os
 
+import pipeline
 import pytest
 
-import pipeline
 from recalign.align.config import AlignConfig, PoliciesConfig
 from recalign.align.stage import plan_policies
 from recalign.sampling.actors import read_samples
@@ -36,7 +36,7 @@ def test_policy_plan_trains_sft_once_then_every_loss_from_it():
         ("rerank/sft+dpo", "rerank/sft"), ("rerank/sft+sdpo", "rerank/sft")]
     align = {label: a for label, a, _ in plan}
     sft = align["rerank/sft"]
-    assert (sft.sft_max_steps, sft.max_steps, sft.epochs, sft.num_negatives) == (4, 0, 0, 1)
+    assert (sft.sft_max_steps, sft.max_steps, sft.num_train_epochs, sft.num_negatives) == (4, 0, 0, 1)
     assert (align["rerank/sft+sdpo"].sft_max_steps, align["rerank/sft+sdpo"].max_steps) == (0, 3)
     assert align["rerank/sft+sdpo"].loss_type == "sdpo" and align["knowledge/dpo"].sft_max_steps == 0
     # A sweep's best beta and K reach the re-rank preference policies, and never retrain the SFT policy.

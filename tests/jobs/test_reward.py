@@ -24,18 +24,18 @@ from recalign.runs import RunSpec
 pytestmark = pytest.mark.ray
 
 SMALL = ["model.hidden_size=16", "model.num_layers=1", "model.max_len=8", "ka.adaptor_hidden=8",
-         "train.epochs=2", "train.batch_size=16", "train.lr=0.005", "train.num_workers=2",
+         "train.epochs=2", "train.train_batch_size=16", "train.learning_rate=0.005", "train.num_workers=2",
          "compare.num_resamples=100", "encoder.batch_size=16", "pairs.num_negatives=2", "pairs.margin=0.0"]
 
 
 @pytest.fixture(scope="module")
 def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
     """A run dir with sentinel data, train + test samples, a SASRec baseline; then the whole reward job."""
-    from tests.helpers.reward import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
-
     import reward as reward_job
+
     from recalign.recsys.sasrec import SASRec, SASRecConfig
     from recalign.recsys.train import SASRecJobSpec, save_model
+    from tests.helpers.reward import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
 
     root = tmp_path_factory.mktemp("leak")
     data_dir = make_tiny_dataset(root, sentinels=True)
@@ -122,8 +122,8 @@ def test_hard_negatives_are_sasrecs_top_scored_non_targets(sentinel_run):
 
 def test_ka_training_batches_never_contain_test_or_valid_items(sentinel_run, tmp_path):
     from recalign.recsys.ka_sasrec import KAConfig
-    from recalign.recsys.sasrec import SASRecConfig
     from recalign.recsys.ka_train import KAJobSpec, fit_ka, knowledge_windows
+    from recalign.recsys.sasrec import SASRecConfig
     from recalign.recsys.train import SeqTrainConfig
 
     run, data, _, _ = sentinel_run
@@ -137,7 +137,7 @@ def test_ka_training_batches_never_contain_test_or_valid_items(sentinel_run, tmp
 
     spec = KAJobSpec(run.dir("data"), run.dir("embeddings", "embeddings.parquet"),
                      SASRecConfig(hidden_size=16, num_layers=1, max_len=8), KAConfig(adaptor_hidden=8),
-                     SeqTrainConfig(epochs=1, batch_size=16, num_workers=2))
+                     SeqTrainConfig(epochs=1, train_batch_size=16, num_workers=2))
     fit_ka(spec, str(tmp_path / "ka"), str(tmp_path / "ray"), "probe", on_batch=probe)
     batches = [np.load(f) for f in glob.glob(os.path.join(probe_dir, "*.npz"))]
     assert batches

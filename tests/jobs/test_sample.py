@@ -8,7 +8,6 @@ import pytest
 
 from recalign.config import load_config
 from recalign.sampling.actors import check_samples, read_samples
-
 from tests.helpers import REPO
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from recalign.data.dataset import Dataset
 from recalign.pairs.build import (PAIRS_SCHEMA, PairsConfig, knowledge_pairs, negative_positions, rerank_pairs,
-                            validate_pairs)
+                                  validate_pairs)
 from recalign.prompts import LETTERS
 
 

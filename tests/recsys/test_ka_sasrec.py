@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from recalign.recsys.ka_sasrec import KAConfig, KASASRec
-from recalign.recsys.sasrec import SASRecConfig
-from recalign.recsys.knowledge import KnowledgeTable
 from recalign.recsys.ka_train import batch_knowledge, knowledge_windows, pick_samples, score_with_knowledge
+from recalign.recsys.knowledge import KnowledgeTable
+from recalign.recsys.sasrec import SASRecConfig
 
 CFG = SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0, max_len=6)
 

@@ -13,8 +13,8 @@ import torch
 from recalign import io
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KAConfig, KASASRec
-from recalign.recsys.sasrec import SASRecConfig
 from recalign.recsys.ka_train import KAJobSpec, fit_ka, load_ka_model
+from recalign.recsys.sasrec import SASRecConfig
 from recalign.recsys.train import SeqTrainConfig, seed_everything
 
 pytestmark = pytest.mark.ray
@@ -38,7 +38,7 @@ def tiny_spec(tmp_path_factory):
                       "embedding": pa.array(list(vectors), pa.list_(pa.float32()))})
     emb_path = str(root / "embeddings.parquet")
     io.write_parquet(table, emb_path)
-    train = SeqTrainConfig(epochs=2, batch_size=16, lr=5e-3, patience=5, num_workers=2, seed=0)
+    train = SeqTrainConfig(epochs=2, train_batch_size=16, learning_rate=5e-3, patience=5, num_workers=2, seed=0)
     return KAJobSpec(data_dir, emb_path, MODEL, KA, train), root, data
 
 
@@ -80,6 +80,6 @@ def test_plain_control_never_reads_knowledge(tiny_spec):
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_spec):
     spec, root, _ = tiny_spec
     # lr = 0: validation never improves on epoch 0, so patience 1 ends the run after epoch 1.
-    train = dataclasses.replace(spec.train, epochs=10, lr=0.0, patience=1, num_workers=0)
+    train = dataclasses.replace(spec.train, epochs=10, learning_rate=0.0, patience=1, num_workers=0)
     report = fit_ka(dataclasses.replace(spec, train=train), str(root / "stopped"), str(root / "ray"), "ka-stop")
     assert report["epochs_run"] == 2 and report["best_epoch"] == 0

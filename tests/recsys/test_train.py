@@ -92,7 +92,7 @@ def _kill_rank1_once(marker):
 def test_fit_two_workers_resumes_after_killed_worker(ray_local, ml100k_dir, tmp_path):
     marker = str(tmp_path / "killed")
     spec = SASRecJobSpec(ml100k_dir, SASRecConfig(hidden_size=16, num_heads=2, max_len=10),
-                         SeqTrainConfig(epochs=3, batch_size=256, patience=5, num_workers=2, max_failures=2))
+                         SeqTrainConfig(epochs=3, train_batch_size=256, patience=5, num_workers=2, max_failures=2))
     out_dir = str(tmp_path / "sasrec")
     report = fit_sasrec(spec, out_dir, str(tmp_path / "ray"), "sasrec-test", on_epoch_end=_kill_rank1_once(marker))
     assert os.path.exists(marker), "the worker was killed"

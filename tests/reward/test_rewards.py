@@ -12,10 +12,9 @@ import torch
 from recalign import metrics
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KAConfig, KASASRec
-from recalign.recsys.sasrec import SASRecConfig
 from recalign.recsys.knowledge import KnowledgeTable
-from recalign.reward.rewards import (MIN_NDCG_GAP, RewardConfig, combine, compute_rewards, summarise_rewards,
-                                     target_logp)
+from recalign.recsys.sasrec import SASRecConfig
+from recalign.reward.rewards import MIN_NDCG_GAP, RewardConfig, combine, compute_rewards, summarise_rewards, target_logp
 
 
 def test_target_logp_by_hand():

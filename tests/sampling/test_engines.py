@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from recalign.sampling.engines import EngineConfig, EngineError, HFEngine, check_model_dir, check_resources
-
 from tests.helpers import REPO
+
 PROMPTS = [
     "<|im_start|>user\nThe user enjoys dramas<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nGenres: Action, Adventure, Animation, Comedy, Crime, Drama, Thriller<|im_end|>\n"

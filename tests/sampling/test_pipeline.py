@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tests.helpers import fakes as sampling_fakes
 from recalign import io
 from recalign.config import ConfigError, load_config
 from recalign.prompts import PromptConfig
@@ -18,6 +17,7 @@ from recalign.sampling.actors import (SAMPLES_SCHEMA, PromptBuilder, SamplerStag
 from recalign.sampling.config import SampleConfig
 from recalign.sampling.engines import EngineConfig, EngineError
 from recalign.sampling.pipeline import run_sampling, select_users
+from tests.helpers import fakes as sampling_fakes
 
 
 def _batch(users=(5, 2, 9)):

@@ -3,49 +3,65 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 from recalign.align.losses import LOSS_TYPES
+from recalign.config import option
 from recalign.pairs.build import PATHS
 
 
 @dataclass
 class AlignConfig:
-    loss_type: str = "sdpo"  # dpo (mean of the K pairwise losses) | dmpo | sdpo
-    beta: float = 1.0  # implicit-reward scale; S-DPO uses 1.0, DPO papers often 0.1
-    num_negatives: int = 3  # K rejected completions per prompt (the first K of each pairs row)
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator (scale = lora_alpha / lora_r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: list[str] = field(default_factory=lambda: [  # modules that get a LoRA adapter
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float = 1e-4  # AdamW learning rate of the preference phase
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear learning-rate warm-up (optimizer steps) at the start of each phase
-    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
-    epochs: int = 1  # preference epochs over the pairs
-    max_steps: int = 0  # > 0: preference optimizer steps instead of `epochs`
-    max_examples: int = 0  # > 0: train on a seeded random subset of this many pairs (0 = every pair)
-    batch_size: int = 2  # examples per worker micro-batch (each has 1 + K completions)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    sft_epochs: int = 0  # SFT warm-up epochs on the chosen completions before the preference phase
-    sft_max_steps: int = 0  # > 0: SFT optimizer steps instead of `sft_epochs`
-    sft_lr: float = 1e-4  # AdamW learning rate of the SFT warm-up
-    max_prompt_tokens: int = 1536  # longer prompts keep their end (the assistant header)
-    max_completion_tokens: int = 256  # longer completions keep their start
-    prompt_sharing: str = "packed"  # prompt encoded once for its 1 + K completions: packed (block mask) |
-    #   kv_cache (expanded KV; for attention kernels without 4D masks) | none (K + 1 full sequences)
-    precompute_reference: bool = False  # reference log-probs once before the preference phase, not every step
-    dtype: str = "auto"  # model weights: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16
-    mixed_precision: str = "no"  # bf16: matmuls under torch.autocast in bfloat16, weights stay in `dtype` (~1.9x
-    #   the fp32 matmul rate on CPUs with AVX512-BF16); no: everything in `dtype`
-    checkpoint_every: int = 50  # optimizer steps between adapter checkpoints (the last step always checkpoints)
-    checkpoints_to_keep: int = 2  # checkpoints kept in the run storage
-    seed: int = 0  # LoRA init and data order
-    num_workers: int = 2  # Ray Train workers (DDP)
-    use_gpu: bool = False  # one GPU per worker, NCCL; else gloo on CPU
-    cpus_per_worker: float = 1.0  # CPU workers' Ray resources (and torch threads)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    """One LoRA policy's training. Names follow TRL's DPOConfig and PEFT where the meaning is the same."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate", "sft_lr": "sft_learning_rate", "epochs": "num_train_epochs",
+        "sft_epochs": "sft_num_train_epochs", "batch_size": "per_device_train_batch_size",
+        "grad_accum": "gradient_accumulation_steps", "max_prompt_tokens": "max_prompt_length",
+        "max_completion_tokens": "max_completion_length", "precompute_reference": "precompute_ref_log_probs",
+        "checkpoint_every": "save_steps", "checkpoints_to_keep": "save_total_limit",
+        "target_modules": "lora_target_modules",
+        "mixed_precision": "renamed to bf16 (true: matmuls under bfloat16 autocast; false: everything in dtype)",
+    }
+
+    loss_type: str = option("sdpo", "dpo (pairwise; K > 1: the mean of the K pairwise losses) | dmpo | sdpo")
+    beta: float = option(1.0, "implicit-reward scale; S-DPO uses 1.0, DPO papers often 0.1")
+    num_negatives: int = option(3, "K rejected completions per prompt (the first K of each pairs row)")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                             "down_proj"], help="modules that get a LoRA adapter")
+    learning_rate: float = option(1e-4, "AdamW learning rate of the preference phase")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(0, "linear learning-rate warm-up (optimizer steps) at the start of each phase")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 = off")
+    num_train_epochs: int = option(1, "preference epochs over the pairs")
+    max_steps: int = option(0, "> 0: preference optimizer steps instead of num_train_epochs")
+    max_examples: int = option(0, "> 0: train on a seeded random subset of this many pairs (0 = every pair)")
+    per_device_train_batch_size: int = option(2, "examples per worker micro-batch (each has 1 + K completions)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    sft_num_train_epochs: int = option(0, "SFT warm-up epochs on the chosen completions before the preference phase")
+    sft_max_steps: int = option(0, "> 0: SFT optimizer steps instead of sft_num_train_epochs")
+    sft_learning_rate: float = option(1e-4, "AdamW learning rate of the SFT warm-up")
+    max_prompt_length: int = option(1536, "prompt tokens kept; a longer prompt keeps its end (the assistant header)")
+    max_completion_length: int = option(256, "completion tokens kept; a longer completion keeps its start")
+    prompt_sharing: str = option("packed", "the prompt encoded once for its 1 + K completions: packed (block mask) "
+                                 "| kv_cache (expanded KV; attention kernels without 4D masks) | none (K + 1 full "
+                                 "sequences)")
+    precompute_ref_log_probs: bool = option(False, "reference log-probs once before the preference phase, not "
+                                                   "every step (always so when starting from an adapter)")
+    dtype: str = option("auto", "model weights: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16")
+    bf16: bool = option(False, "matmuls under torch.autocast in bfloat16, weights stay in dtype (~1.9x the fp32 "
+                               "matmul rate on CPUs with AVX512-BF16)")
+    save_steps: int = option(50, "optimizer steps between adapter checkpoints (the last step always checkpoints)")
+    save_total_limit: int = option(2, "checkpoints kept in the run storage")
+    seed: int = option(0, "LoRA init and data order")
+    num_workers: int = option(2, "Ray Train workers (DDP)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL; else gloo on CPU")
+    cpus_per_worker: float = option(1.0, "CPU workers' Ray resources (and torch threads)")
+    max_failures: int = option(2, "worker-group restarts from the last checkpoint before the run fails")
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -54,31 +70,31 @@ class AlignConfig:
             raise ValueError(f"prompt_sharing must be packed, kv_cache or none, got {self.prompt_sharing!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
         if self.max_examples < 0:
             raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
-        for name in ("num_negatives", "batch_size", "grad_accum", "checkpoint_every", "lora_r"):
+        for name in ("num_negatives", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
+                     "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 1 and self.max_steps < 1 and self.sft_epochs < 1 and self.sft_max_steps < 1:
-            raise ValueError("set epochs >= 1 or max_steps >= 1 (epochs=0 and max_steps=0 with an SFT warm-up "
-                             "trains an SFT-only policy)")
-
+        if (self.num_train_epochs < 1 and self.max_steps < 1 and self.sft_num_train_epochs < 1
+                and self.sft_max_steps < 1):
+            raise ValueError("set num_train_epochs >= 1 or max_steps >= 1 (both 0 with an SFT warm-up trains an "
+                             "SFT-only policy)")
 
 
 def _rerank_default() -> AlignConfig:
-    return AlignConfig(sft_epochs=1)
+    return AlignConfig(sft_num_train_epochs=1)
 
 
 @dataclass
 class PoliciesConfig:
-    paths: list[str] = field(default_factory=lambda: list(PATHS))  # pair sets that get policies
-    loss_types: list[str] = field(default_factory=lambda: list(LOSS_TYPES))  # one policy per loss type and path
-    # Re-rank path; its sft_epochs / sft_max_steps train the SFT policy (0 and 0: no SFT policy).
-    rerank: AlignConfig = field(default_factory=_rerank_default)
-    knowledge: AlignConfig = field(default_factory=AlignConfig)  # knowledge path; SFT fields ignored
-    from_sweep: bool = False  # re-rank policies take beta and num_negatives from <run>/sweep/best.json
+    paths: list[str] = option(factory=lambda: list(PATHS), help="pair sets that get policies")
+    loss_types: list[str] = option(factory=lambda: list(LOSS_TYPES), help="one policy per loss type and path")
+    rerank: AlignConfig = option(factory=_rerank_default, help="re-rank path; its sft_num_train_epochs / "
+                                                               "sft_max_steps train the SFT policy (both 0: no SFT "
+                                                               "policy)")
+    knowledge: AlignConfig = option(factory=AlignConfig, help="knowledge path; SFT fields ignored")
+    from_sweep: bool = option(False, "re-rank policies take beta and num_negatives from <run>/sweep/best.json")
 
     def __post_init__(self) -> None:
         if not self.paths or set(self.paths) - set(PATHS):
@@ -90,15 +106,15 @@ class PoliciesConfig:
 
 @dataclass
 class SweepConfig:
-    search: str = "grid"  # grid: every combination below | random: num_samples draws
-    loss_types: list[str] = field(default_factory=lambda: ["dpo", "dmpo", "sdpo"])  # searched loss types
-    betas: list[float] = field(default_factory=lambda: [0.1, 1.0])  # grid values of beta
-    num_negatives: list[int] = field(default_factory=lambda: [1, 3])  # grid values of K
-    beta_range: list[float] = field(default_factory=lambda: [0.05, 2.0])  # random search: log-uniform beta bounds
-    num_samples: int = 1  # grid: repeats of the whole grid; random: number of trials
-    rungs: int = 2  # epochs per trial; ASHA may stop a trial after any rung
-    grace_period: int = 1  # ASHA: rungs every trial runs before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
-    max_concurrent: int = 1  # trials at once (each runs a TorchTrainer of align.num_workers workers)
-    valid_users: int = 64  # seeded subset of validation users the re-ranker is scored on; 0 = all
-    seed: int = 0  # validation subset and random search
+    search: str = option("grid", "grid: every combination below | random: num_samples draws")
+    loss_types: list[str] = option(factory=lambda: ["dpo", "dmpo", "sdpo"], help="searched loss types")
+    betas: list[float] = option(factory=lambda: [0.1, 1.0], help="grid values of beta")
+    num_negatives: list[int] = option(factory=lambda: [1, 3], help="grid values of K")
+    beta_range: list[float] = option(factory=lambda: [0.05, 2.0], help="random search: log-uniform beta bounds")
+    num_samples: int = option(1, "grid: repeats of the whole grid; random: number of trials")
+    rungs: int = option(2, "epochs per trial; ASHA may stop a trial after any rung")
+    grace_period: int = option(1, "ASHA: rungs every trial runs before it can be stopped")
+    reduction_factor: int = option(2, "ASHA: keep the top 1/reduction_factor at each rung")
+    max_concurrent: int = option(1, "trials at once (each runs a TorchTrainer of align.num_workers workers)")
+    valid_users: int = option(64, "seeded subset of validation users the re-ranker is scored on; 0 = all")
+    seed: int = option(0, "validation subset and random search")

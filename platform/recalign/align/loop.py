@@ -1,7 +1,7 @@
 """The per-worker training loop of `recalign.align.trainer.train_policy` (runs under TorchTrainer), and
 `AlignSpec`, what every worker is sent.
 
-One optimizer step = `grad_accum` micro-batches per worker, gradients averaged by DDP. Steps
+One optimizer step = `gradient_accumulation_steps` micro-batches per worker, gradients averaged by DDP. Steps
 0 .. sft_steps-1 are the optional SFT warm-up (token-mean NLL of the chosen completions), the rest
 the preference phase. The data order is a pure function of (seed, phase, epoch), so a restarted
 worker group continues exactly where the last checkpoint left off.
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from recalign import io
-from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.config import AlignConfig
-from recalign.distributed import check_in_sync
+from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.losses import preference_loss, reward_stats
+from recalign.distributed import check_in_sync
 
 SFT, PREFERENCE = "sft", "preference"
 
@@ -58,10 +58,10 @@ class Plan:
 
     @classmethod
     def build(cls, num_examples: int, cfg: AlignConfig, world: int) -> "Plan":
-        global_batch = cfg.batch_size * cfg.grad_accum * world
+        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
         per_epoch = max(1, num_examples // global_batch)  # the remainder waits for the next epoch's shuffle
-        sft = cfg.sft_max_steps or cfg.sft_epochs * per_epoch
-        pref = cfg.max_steps or cfg.epochs * per_epoch
+        sft = cfg.sft_max_steps or cfg.sft_num_train_epochs * per_epoch
+        pref = cfg.max_steps or cfg.num_train_epochs * per_epoch
         return cls(num_examples, per_epoch, sft, pref, global_batch)
 
     @property
@@ -76,7 +76,7 @@ class Plan:
 
     def learning_rate(self, step: int, cfg: AlignConfig) -> float:
         """The phase's learning rate with a linear warm-up over its first cfg.warmup_steps steps."""
-        base = cfg.sft_lr if self.phase(step) == SFT else cfg.lr
+        base = cfg.sft_learning_rate if self.phase(step) == SFT else cfg.learning_rate
         return base * min(1.0, (self.phase_step(step) + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else base
 
     def micro_batches(self, step: int, rank: int, world: int, grad_accum: int, seed: int) -> list[np.ndarray]:
@@ -137,7 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
     while state.step < plan.total_steps:
         phase = plan.phase(state.step)
         if optimizer is None or state.phase != phase:
-            optimizer = torch.optim.AdamW(trainable, lr=cfg.sft_lr if phase == SFT else cfg.lr,
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.sft_learning_rate if phase == SFT else cfg.learning_rate,
                                           weight_decay=cfg.weight_decay)
             if state.phase == phase and state.optimizer is not None:
                 optimizer.load_state_dict(state.optimizer)
@@ -145,15 +145,16 @@ def train_loop(config: dict[str, Any]) -> None:
         # The reference is the policy as the preference phase starts: the base model (adapter off), or the
         # SFT-warmed / initial adapter, whose log-probs must be taken now because the adapter moves on.
         starts_from_adapter = plan.sft_steps > 0 or bool(spec.init_adapter)
-        if phase == PREFERENCE and state.reference is None and (cfg.precompute_reference or starts_from_adapter):
+        if phase == PREFERENCE and state.reference is None and (cfg.precompute_ref_log_probs or starts_from_adapter):
             state.reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device,
                                                    adapter=starts_from_adapter)
         lr = plan.learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        sums = train_step(scorer, model, optimizer, examples, plan.micro_batches(state.step, rank, world,
-                          cfg.grad_accum, cfg.seed), cfg, pad_id, device, phase, state.reference, trainable)
+        micro = plan.micro_batches(state.step, rank, world, cfg.gradient_accumulation_steps, cfg.seed)
+        sums = train_step(scorer, model, optimizer, examples, micro, cfg, pad_id, device, phase, state.reference,
+                          trainable)
         record = _global_record(sums, time.perf_counter() - start, phase, state.step + 1, lr, device)
         state.step += 1
         state.history.append(record)
@@ -165,7 +166,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"{record['step_seconds']:.1f}s/step")
         if writer is not None:
             _log_scalars(writer, record)
-        if state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps or state.step == plan.sft_steps:
+        if state.step % cfg.save_steps == 0 or state.step == plan.total_steps or state.step == plan.sft_steps:
             state.optimizer = optimizer.state_dict()
             if writer is not None:
                 writer.flush()
@@ -178,8 +179,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
     """PreferenceExamples -> EncodedExamples (prompt ids, [chosen, *rejected] ids with EOS)."""
-    return [encode_example(tokenizer, e.prompt, [e.chosen, *e.rejected], cfg.max_prompt_tokens,
-                           cfg.max_completion_tokens) for e in pairs]
+    return [encode_example(tokenizer, e.prompt, [e.chosen, *e.rejected], cfg.max_prompt_length,
+                           cfg.max_completion_length) for e in pairs]
 
 
 def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = ""):
@@ -192,7 +193,7 @@ def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_a
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base, lora)
     if init_adapter:  # same LoRA shape (checked by the driver), so the saved weights load one to one
@@ -222,8 +223,8 @@ def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConf
 
 
 def autocast(cfg: AlignConfig, device):
-    """bf16 autocast when cfg.mixed_precision asks for it (weights and gradients keep their dtype)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    """bf16 autocast when cfg.bf16 asks for it (weights and gradients keep their dtype)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
 def _micro_batch(scorer, model, examples, rows, last: bool, num_micro: int, cfg: AlignConfig, pad_id: int, device,
@@ -271,8 +272,8 @@ def precompute_reference(model, examples, cfg: AlignConfig, pad_id: int, rank: i
     model.eval()  # no LoRA dropout in the reference
     out = torch.zeros((len(examples), cfg.num_negatives + 1), dtype=torch.float64)
     mine = np.arange(rank, len(examples), world)
-    for start in range(0, len(mine), cfg.batch_size):
-        rows = mine[start:start + cfg.batch_size]
+    for start in range(0, len(mine), cfg.per_device_train_batch_size):
+        rows = mine[start:start + cfg.per_device_train_batch_size]
         batch = collate([examples[j] for j in rows], pad_id).to(device)
         with contextlib.nullcontext() if adapter else model.disable_adapter(), autocast(cfg, device):
             out[torch.as_tensor(rows)] = SCORERS[cfg.prompt_sharing](model, **batch.tensors()).double().cpu()

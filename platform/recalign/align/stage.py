@@ -31,13 +31,14 @@ def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) ->
         if path == "rerank" and sweep_best is not None:
             align = dataclasses.replace(align, beta=sweep_best.beta, num_negatives=sweep_best.num_negatives)
         init = ""
-        if path == "rerank" and (align.sft_epochs or align.sft_max_steps):
+        if path == "rerank" and (align.sft_num_train_epochs or align.sft_max_steps):
             # The SFT policy reads only the chosen completions: fix the preference-only fields so that
             # changing beta, K or the loss never retrains it.
-            sft = dataclasses.replace(align, epochs=0, max_steps=0, loss_type="dpo", beta=1.0, num_negatives=1)
+            sft = dataclasses.replace(align, num_train_epochs=0, max_steps=0, loss_type="dpo", beta=1.0,
+                                      num_negatives=1)
             plan.append((f"{path}/sft", sft, ""))
             init = f"{path}/sft"
-        preference = dataclasses.replace(align, sft_epochs=0, sft_max_steps=0)
+        preference = dataclasses.replace(align, sft_num_train_epochs=0, sft_max_steps=0)
         for loss_type in cfg.loss_types:
             label = f"sft+{loss_type}" if init else loss_type
             plan.append((f"{path}/{label}", dataclasses.replace(preference, loss_type=loss_type), init))

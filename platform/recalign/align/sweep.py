@@ -91,7 +91,7 @@ def trial(config: dict[str, Any], spec: TrialSpec) -> None:
     out_dir = io.join(spec.out_root, trial_id)
     for rung in range(_rungs_done(tune.get_checkpoint()) + 1, spec.rungs + 1):
         cfg = dataclasses.replace(spec.align, loss_type=config["loss_type"], beta=float(config["beta"]),
-                                  num_negatives=int(config["num_negatives"]), epochs=rung, max_steps=0)
+                                  num_negatives=int(config["num_negatives"]), num_train_epochs=rung, max_steps=0)
         summary = train_policy(cfg=cfg, model_path=spec.model_path, pairs_uris=spec.pairs_uris, out_dir=out_dir,
                                storage_path=spec.storage_path, name=f"sweep-{trial_id}", hooks=spec.hooks,
                                log=lambda _: None, init_adapter=spec.init_adapter)

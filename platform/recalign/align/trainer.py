@@ -78,13 +78,13 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     if init_adapter and io.is_local(init_adapter):
         init_adapter = os.path.abspath(init_adapter)  # workers may run in another directory
     spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir, init_adapter)
-    label = cfg.loss_type if cfg.epochs or cfg.max_steps else "sft"
+    label = cfg.loss_type if cfg.num_train_epochs or cfg.max_steps else "sft"
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}")
     start = time.time()
     result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])}, num_workers=cfg.num_workers,
                                use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
-                               num_to_keep=cfg.checkpoints_to_keep, storage_path=storage_path, run_name=name,
+                               num_to_keep=cfg.save_total_limit, storage_path=storage_path, run_name=name,
                                what=f"alignment run {name}")
     with result.checkpoint.as_directory() as ckpt_dir:
         summary = _summary(ckpt_dir, spec, num_examples, time.time() - start)
@@ -102,7 +102,7 @@ def check_adapter(adapter_dir: str, cfg: AlignConfig) -> None:
     if not all(io.exists(io.join(adapter_dir, f)) for f in ADAPTER_FILES):
         raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (needs {', '.join(ADAPTER_FILES)})")
     saved = io.read_json(path)
-    wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+    wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_target_modules)}
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
              "target_modules": sorted(saved.get("target_modules") or [])}
     diff = [k for k in wanted if wanted[k] != found[k]]

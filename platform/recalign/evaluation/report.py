@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from recalign import io
-from recalign.systems import markdown_table
 from recalign.plots import pyplot, save_png
+from recalign.systems import markdown_table
 
 
 def write_report(result: dict, eval_dir: str, title: str) -> str:

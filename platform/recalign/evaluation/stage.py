@@ -23,11 +23,11 @@ from recalign import io, metrics
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.config import FinalEvalConfig
-from recalign.systems import baseline_systems, summarise
 from recalign.llm.policy import load_policy
 from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
 from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
 from recalign.sampling.engines import EngineConfig
+from recalign.systems import baseline_systems, summarise
 
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
 

@@ -12,12 +12,13 @@ Only `train` examples are used, so a validation or test item never becomes a pai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
+from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.prompts import PromptConfig, render, rerank_answer, rerank_messages
 
@@ -33,15 +34,15 @@ PAIRS_SCHEMA = pa.schema([
 
 @dataclass
 class PairsConfig:
-    paths: list[str] = field(default_factory=lambda: list(PATHS))  # which pair sets to build
-    num_negatives: int = 3  # K rejected completions per prompt; 1 gives plain DPO pairs
-    margin: float = 1e-3  # knowledge path: keep a user only if best - worst reward >= margin
-    negatives: Literal["random", "hard"] = "hard"  # rerank path: random candidates or SASRec's top-scored ones
-    seed: int = 0  # random negatives
-    model: str = "smollm2"  # policy model (name or HF folder) whose chat template renders rerank prompts
-    models_dir: str = "models"  # where named models are converted (recalign.llm.resolve_model)
-    # Rerank prompt settings; they must match the re-ranker's at evaluation (the pipeline sets them from it).
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    paths: list[str] = option(factory=lambda: list(PATHS), help="which pair sets to build")
+    num_negatives: int = option(3, "K rejected completions per prompt; 1 gives plain DPO pairs")
+    margin: float = option(1e-3, "knowledge path: keep a user only if best - worst reward >= margin")
+    negatives: Literal["random", "hard"] = option("hard", "rerank path: random candidates or SASRec's top-scored ones")
+    seed: int = option(0, "random negatives")
+    model: str = option("smollm2", "policy model (name or HF folder) whose chat template renders rerank prompts")
+    models_dir: str = option("models", "where named models are converted (recalign.llm.resolve_model)")
+    prompt: PromptConfig = option(factory=PromptConfig, help="re-rank prompt settings; the pipeline sets them from the "
+                                                            "evaluated re-ranker's")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.paths) - set(PATHS))

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recalign.config import option
 from recalign.recsys.sasrec import SASRec, SASRecConfig
 
 
 @dataclass
 class KAConfig:
-    adaptor_hidden: int = 128  # hidden width of the adaptor MLP (text embedding -> hidden_size)
-    adaptor_dropout: float = 0.1  # dropout inside the adaptor
-    knowledge_dropout: float = 0.2  # share of training rows fed no knowledge, so the no-text path keeps working
+    adaptor_hidden: int = option(128, "hidden width of the adaptor MLP (text embedding -> hidden_size)")
+    adaptor_dropout: float = option(0.1, "dropout inside the adaptor")
+    knowledge_dropout: float = option(0.2, "share of training rows fed no knowledge, so the no-text path keeps working")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.knowledge_dropout <= 1.0:

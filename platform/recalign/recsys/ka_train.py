@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from recalign import io, metrics
-from recalign.recsys.ka_sasrec import KAConfig, KASASRec
-from recalign.recsys.sasrec import SASRecConfig, next_item_loss
-from recalign.recsys.knowledge import KnowledgeTable, knowledge_table
 from recalign.distributed import seed_everything, sharded_mean
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.knowledge import KnowledgeTable, knowledge_table
+from recalign.recsys.sasrec import SASRecConfig, next_item_loss
 from recalign.recsys.train import SeqTrainConfig, epochs_left, finish_epoch, make_windows, prepare_training, run_trainer
 
 
@@ -131,7 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data = Dataset(spec.data_dir)
     knowledge = load_knowledge(spec, data.num_users)
     inputs, targets, owners = knowledge_windows(data.train_sequences(), spec.model.max_len)
-    loader = DataLoader(TensorDataset(inputs, targets, owners), batch_size=spec.train.batch_size, shuffle=True)
+    loader = DataLoader(TensorDataset(inputs, targets, owners), batch_size=spec.train.train_batch_size, shuffle=True)
     loader = ray.train.torch.prepare_data_loader(loader)
     valid = data.split("valid")
     shard = np.arange(rank, len(valid), world)  # each worker validates its own rows

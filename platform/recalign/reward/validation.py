@@ -18,21 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from recalign import metrics
+from recalign.config import option
 from recalign.data.dataset import Dataset
-from recalign.systems import EvalConfig, summarise
 from recalign.recsys.ka_sasrec import KASASRec
-from recalign.recsys.sasrec import SASRec
-from recalign.recsys.knowledge import KnowledgeTable
 from recalign.recsys.ka_train import score_with_knowledge
+from recalign.recsys.knowledge import KnowledgeTable
+from recalign.recsys.sasrec import SASRec
 from recalign.recsys.train import score_split
+from recalign.systems import EvalConfig, summarise
 
 
 @dataclass
 class CompareConfig:
-    plain_control: bool = True  # also train plain SASRec with the same loop and windows: the fair reference
-    num_resamples: int = 2000  # paired-bootstrap resamples
-    confidence: float = 0.95  # interval coverage
-    seed: int = 0  # bootstrap seed
+    plain_control: bool = option(True, "also train plain SASRec with the same loop and windows: the fair reference")
+    num_resamples: int = option(2000, "paired-bootstrap resamples")
+    confidence: float = option(0.95, "interval coverage")
+    seed: int = option(0, "bootstrap seed")
 
     def eval_config(self) -> EvalConfig:
         reference = "plain_sasrec" if self.plain_control else "ka_sasrec_no_knowledge"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from recalign.config import option
 from recalign.data.protocol import SPLITS
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import EngineConfig
@@ -13,24 +14,25 @@ MAX_SAMPLES = 16
 
 @dataclass
 class SampleConfig:
-    model: str = "smollm2"  # "smollm2" (embedded default, converted once), a .gguf file, or a local HF folder
-    models_dir: str = "models"  # where converted checkpoints are kept
-    num_samples: int = 4  # N: analyses sampled per user (1..16)
-    max_new_tokens: int = 160  # completion budget; the prompt asks for one short paragraph
-    temperature: float = 0.8  # > 0 so the N samples differ (pairs need best vs worst); 0 = greedy, N must be 1
-    top_p: float = 0.95
-    seed: int = 0  # engine seed, set once per engine and recorded in every row
-    num_users: int = 0  # users to sample: 0 = all, else a seeded random subset of this size
-    subset_seed: int = 0  # seeds the subset; subsets of one seed are nested (32 users are in the 64)
-    split: str = "train"  # whose example history builds the prompt (train keeps valid/test targets out)
-    num_actors: int = 1  # sampler actors (one engine each)
-    batch_size: int = 16  # users per batch; each batch is one generate call and one Parquet file
-    cpus_per_actor: float = 1.0  # Ray CPUs reserved per sampler actor
-    num_gpus: float = 0.0  # Ray GPUs per sampler actor (GPU nodes: engine.tensor_parallel_size)
-    max_actor_restarts: int = 3  # a sampler actor that dies more often fails the job instead of looping
-    overwrite: bool = False  # discard samples written with other settings instead of failing
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    model: str = option("smollm2", "\"smollm2\" (embedded default, converted once), a .gguf file, or a local HF folder")
+    models_dir: str = option("models", "where converted checkpoints are kept")
+    num_samples: int = option(4, "N: analyses sampled per user (1..16)")
+    max_new_tokens: int = option(160, "completion budget; the prompt asks for one short paragraph")
+    temperature: float = option(0.8, "> 0 so the N samples differ (pairs need best vs worst); 0 = greedy, N must be 1")
+    top_p: float = option(0.95, "nucleus sampling: the smallest set of tokens whose probability reaches top_p")
+    seed: int = option(0, "engine seed, set once per engine and recorded in every row")
+    num_users: int = option(0, "users to sample: 0 = all, else a seeded random subset of this size")
+    subset_seed: int = option(0, "seeds the subset; subsets of one seed are nested (32 users are in the 64)")
+    split: str = option("train", "whose example history builds the prompt (train keeps valid/test targets out)")
+    num_actors: int = option(1, "sampler actors (one engine each)")
+    batch_size: int = option(16, "users per batch; each batch is one generate call and one Parquet file")
+    cpus_per_actor: float = option(1.0, "Ray CPUs reserved per sampler actor")
+    num_gpus: float = option(0.0, "Ray GPUs per sampler actor (GPU nodes: engine.tensor_parallel_size)")
+    max_actor_restarts: int = option(3, "a sampler actor that dies more often fails the job instead of looping")
+    overwrite: bool = option(False, "discard samples written with other settings instead of failing")
+    prompt: PromptConfig = option(factory=PromptConfig, help="the knowledge prompt: history shown, ratings, genres")
+    engine: EngineConfig = option(factory=EngineConfig, help="generation engine (vLLM or transformers) and its "
+                                                             "settings")
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_samples <= MAX_SAMPLES:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
+from recalign.config import option
+
 
 class EngineError(RuntimeError):
     """An engine that cannot start here (missing package, GPU, memory) or that misbehaved."""
@@ -24,20 +26,21 @@ class EngineError(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM when installed, else transformers
-    # auto: vLLM picks bf16 for an fp32 checkpoint (also on CPUs with AVX512-BF16); HF keeps the checkpoint's
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int = 0  # CPU threads per engine (torch / OpenMP); 0 = the engine's default
-    max_model_len: int = 2048  # prompt + completion tokens per sequence (vLLM sizes its KV cache by it)
-    # vLLM: the N samples of a prompt and the shared instruction reuse KV; HF: the N samples share one prefill
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 0  # vLLM: sequences decoded together; 0 = vLLM's default
-    max_num_batched_tokens: int = 0  # vLLM: tokens per scheduler step; 0 = vLLM's default
-    kv_cache_gb: float = 1.0  # vLLM on CPU: KV cache size in GiB (GPU: gpu_memory_utilization instead)
-    gpu_memory_utilization: float = 0.85  # vLLM on GPU: share of GPU memory for weights + KV cache
-    tensor_parallel_size: int = 1  # vLLM: GPUs per engine (the actor must hold as many: sample.num_gpus)
-    enforce_eager: bool = False  # vLLM: skip torch.compile (faster start, slower decode)
-    multiprocessing: bool = False  # vLLM: engine core in a child process (default: in the actor itself)
+    engine: Literal["auto", "vllm", "hf"] = option("auto", "auto: vLLM when installed, else transformers")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weights and activations; auto: vLLM picks bf16 for an fp32 checkpoint (also on CPUs with "
+                "AVX512-BF16), transformers keeps the checkpoint's")
+    threads: int = option(0, "CPU threads per engine (torch / OpenMP); 0 = the engine's default")
+    max_model_len: int = option(2048, "prompt + completion tokens per sequence (vLLM sizes its KV cache by it)")
+    enable_prefix_caching: bool = option(True, "vLLM: the N samples of a prompt and the shared instruction reuse KV; "
+                                                "transformers: the N samples share one prefill")
+    max_num_seqs: int = option(0, "vLLM: sequences decoded together; 0 = vLLM's default")
+    max_num_batched_tokens: int = option(0, "vLLM: tokens per scheduler step; 0 = vLLM's default")
+    kv_cache_gb: float = option(1.0, "vLLM on CPU: KV cache size in GiB (GPU: gpu_memory_utilization instead)")
+    gpu_memory_utilization: float = option(0.85, "vLLM on GPU: share of GPU memory for weights + KV cache")
+    tensor_parallel_size: int = option(1, "vLLM: GPUs per engine (the actor must hold as many: sample.num_gpus)")
+    enforce_eager: bool = option(False, "vLLM: skip torch.compile (faster start, slower decode)")
+    multiprocessing: bool = option(False, "vLLM: engine core in a child process (default: in the actor itself)")
 
     def __post_init__(self) -> None:
         if self.threads < 0 or self.max_num_seqs < 0 or self.max_num_batched_tokens < 0:

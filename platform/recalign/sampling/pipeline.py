@@ -27,9 +27,10 @@ import pyarrow.compute as pc
 from recalign import io
 from recalign.config import fingerprint
 from recalign.runs import Log
+from recalign.sampling.actors import PromptBuilder, SamplerStage, check_samples, read_samples, samples_per_user
 from recalign.sampling.config import SampleConfig
 from recalign.sampling.engines import Engine, make_engine
-from recalign.sampling.actors import PromptBuilder, SamplerStage, check_samples, read_samples, samples_per_user
+
 
 def generation_key(cfg: SampleConfig, data_fingerprint: str) -> dict:
     """The settings that shape the samples; rows written under another key must not be mixed in."""
