@@ -9,16 +9,13 @@ policy/rerank/. Per-system results are cached, so a re-run scores only what is n
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from launch import RayConfig, parse_args, ray_session
 
-from recalign import io
 from recalign.config import option
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.evaluation.stage import evaluate_stage
-from recalign.prompts import PromptConfig
 from recalign.runs import RunSpec
 from recalign.sampling.engines import EngineConfig
 
@@ -37,10 +34,6 @@ def main(argv: list[str] | None = None) -> dict:
     from recalign.llm import resolve_model
 
     cfg = parse_args(EvaluateJob, argv)
-    sampled = cfg.run.dir("samples", "config.json")
-    if io.exists(sampled):  # knowledge is evaluated on the prompt the run sampled and aligned it on
-        cfg.eval.knowledge = dataclasses.replace(cfg.eval.knowledge,
-                                                 prompt=PromptConfig(**io.read_json(sampled)["key"]["prompt"]))
     with ray_session(cfg.ray):
         summary = evaluate_stage(cfg.run, cfg.eval, resolve_model(cfg.model, cfg.models_dir), cfg.engine)
     print(summary["table"])

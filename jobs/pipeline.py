@@ -16,8 +16,9 @@ Stages (runs/<name>/...):
 
 A stage is skipped when its output exists for the same config (and inputs), so re-running after a
 crash continues where it stopped. `force=[sasrec]` reruns named stages. `model` names the LLM for
-every stage; the re-rank pairs are rendered with `eval.rerank`'s prompt settings, so the policies
-are trained on the prompts they are evaluated on.
+every stage. A stage reads what it depends on from the run: evaluation prompts the knowledge policies
+with the prompt the samples were written for (`sample.prompt`) and the re-ranker with the prompt the
+re-rank pairs were rendered with (`pairs.prompt`), exactly as the standalone jobs do.
 """
 
 from __future__ import annotations
@@ -91,12 +92,10 @@ def parse(argv: list[str] | None) -> PipelineJob:
     unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
     if unknown:
         raise SystemExit(f"config error: unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    # One LLM everywhere, and re-rank pairs rendered exactly as the evaluated re-ranker renders its prompts.
+    # One LLM for every stage. The prompts need no copying: later stages read them from the run (the knowledge
+    # prompt from samples/, the re-rank prompt from pairs/), as the standalone jobs do.
     cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
-    cfg.pairs = dataclasses.replace(cfg.pairs, model=cfg.model, models_dir=cfg.models_dir,
-                                    prompt=cfg.eval.rerank.prompt_config())
-    # Knowledge is evaluated on the prompt it was sampled, rewarded and aligned on.
-    cfg.eval.knowledge = dataclasses.replace(cfg.eval.knowledge, prompt=cfg.sample.prompt)
+    cfg.pairs = dataclasses.replace(cfg.pairs, model=cfg.model, models_dir=cfg.models_dir)
     return cfg
 
 

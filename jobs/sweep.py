@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 from launch import RayConfig, parse_args, ray_session
 
 from recalign import io
@@ -20,6 +21,7 @@ from recalign.align.sweep import TrialSpec, results_frame, run_sweep, validation
 from recalign.config import fingerprint, option, to_dict
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
+from recalign.pairs.stage import rerank_prompt
 from recalign.rerank.scorer import RerankConfig, build_prompts
 from recalign.runs import RunSpec, learning_key
 
@@ -39,30 +41,37 @@ class SweepJob:
     sweep: SweepConfig = option(factory=SweepConfig, help="search space, ASHA, validation users")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def validation_inputs(cfg: SweepJob, model_path: str) -> tuple[list[str], np.ndarray, int]:
+    """(prompts, target_index, num_candidates) of the seeded validation users the trials are scored on,
+    rendered with the run's re-rank prompt: the one the trials' pairs were rendered with."""
     from transformers import AutoTokenizer
 
+    data = Dataset(cfg.run.dir("data"))
+    valid = data.split("valid")
+    rows = validation_rows(len(valid), cfg.sweep.valid_users, cfg.sweep.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the prompts need no weights
+    prompts = build_prompts(data, "valid", rows, tokenizer, rerank_prompt(cfg.run))
+    return prompts, valid.target_index[rows], valid.candidates.shape[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(SweepJob, argv)
     model_path = resolve_model(cfg.model, cfg.models_dir)
     pairs_uri = cfg.run.dir("pairs", f"{cfg.pairs}.parquet")
     if not io.exists(pairs_uri):
         raise SystemExit(f"{pairs_uri}: missing; run the pipeline's pairs stage first")
-    data = Dataset(cfg.run.dir("data"))
-    valid = data.split("valid")
-    rows = validation_rows(len(valid), cfg.sweep.valid_users, cfg.sweep.seed)
+    prompts, target_index, num_candidates = validation_inputs(cfg, model_path)
     init_adapter = cfg.run.dir(*cfg.init_adapter.split("/")) if cfg.init_adapter else ""
     if init_adapter and not io.exists(io.join(init_adapter, "adapter_model.safetensors")):
         raise SystemExit(f"{init_adapter}: no adapter; run the pipeline's align stage first or set init_adapter=''")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the prompts need no weights
-    spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri],
-                     prompts=build_prompts(data, "valid", rows, tokenizer, cfg.rerank),
-                     target_index=valid.target_index[rows], num_candidates=valid.candidates.shape[1],
+    spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri], prompts=prompts,
+                     target_index=target_index, num_candidates=num_candidates,
                      rerank=cfg.rerank, rungs=cfg.sweep.rungs, out_root=cfg.run.dir("sweep", "trials"),
                      storage_path=cfg.run.dir("ray"), init_adapter=init_adapter)
     init_hash = hashlib.sha256(io.read_bytes(io.join(init_adapter, "adapter_model.safetensors"))).hexdigest() \
         if init_adapter else ""
     name = sweep_name(cfg, model_path, init_hash, hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest())
-    print(f"sweep {name}: {len(rows)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
+    print(f"sweep {name}: {len(prompts)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
     with ray_session(cfg.ray):
         results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name)
     out = write_results(results_frame(results), cfg.align, cfg.run.dir("sweep"))
@@ -79,6 +88,7 @@ def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) 
     sweep = {k: v for k, v in to_dict(cfg.sweep).items() if k != "max_concurrent"}
     align = learning_key(cfg.align)
     return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": to_dict(cfg.rerank),
+                                   "prompt": to_dict(rerank_prompt(cfg.run)),
                                    "model": model_path, "pairs": pairs_hash})
 
 

@@ -21,17 +21,21 @@ from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.llm.convert import resolve_model
 from recalign.llm.policy import load_policy
+from recalign.pairs.stage import rerank_prompt
+from recalign.prompts import PromptConfig
 from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import RequestError, RerankService
+from recalign.runs import RunSpec
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class Reranker:
-    def __init__(self, data_dir: str, model_path: str, adapter: str | None, cfg: dict, loader=None):
+    def __init__(self, data_dir: str, model_path: str, adapter: str | None, cfg: dict, prompt: dict, loader=None):
         rerank_cfg = RerankConfig(**cfg)
         loader = loader or functools.partial(load_policy, model_path, adapter, rerank_cfg.dtype)
         name = os.path.basename(model_path.rstrip("/")) + (f"+{adapter}" if adapter else "")
-        self.service = RerankService(Dataset(data_dir).items, loader, rerank_cfg, model_name=name)
+        self.service = RerankService(Dataset(data_dir).items, loader, rerank_cfg, PromptConfig(**prompt),
+                                     model_name=name)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _rerank(self, requests: list) -> list[dict]:
@@ -54,7 +58,8 @@ class ServeJob:
     host: str = option("127.0.0.1", "HTTP host of the embedded Serve proxy")
     port: int = option(8000, "HTTP port of the embedded Serve proxy")
     replicas: int = option(1, "Serve replicas; each holds rerank.cpus_per_actor CPUs and rerank.num_gpus GPUs")
-    rerank: RerankConfig = option(factory=RerankConfig, help="re-ranker prompts, batching, dtype and resources")
+    rerank: RerankConfig = option(factory=RerankConfig, help="re-ranker batching, dtype and resources (the prompt "
+                                                             "is the run's re-rank prompt)")
 
 
 def build(cfg: ServeJob, loader=None):
@@ -64,7 +69,14 @@ def build(cfg: ServeJob, loader=None):
     model_path = str(resolve_model(cfg.model, cfg.models_dir))
     deployment = Reranker.options(num_replicas=cfg.replicas, ray_actor_options={
         "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
-    return deployment.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank), loader)
+    return deployment.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank),
+                           asdict(run_prompt(cfg.run_dir)), loader)
+
+
+def run_prompt(run_dir: str) -> PromptConfig:
+    """The re-rank prompt of the run at `run_dir`: the one its re-rank policies were trained on."""
+    run_dir = run_dir.rstrip("/")
+    return rerank_prompt(RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or "."))
 
 
 def app_builder(args: dict[str, str]):

@@ -103,3 +103,16 @@ def test_help_lists_every_key_with_type_default_and_help():
 def test_field_metadata_carries_the_help():
     (field,) = [f for f in dataclasses.fields(Outer) if f.name == "steps"]
     assert field.metadata["help"] == "how many steps" and field.default == 10
+
+
+@dataclass
+class WithSectionDefault:
+    inner: Inner = option(factory=lambda: Inner(lr=0.5, mode="b"), help="a section whose default is not Inner()")
+
+
+def test_a_partly_given_section_keeps_its_fields_default(tmp_path):
+    cfg = load_config(WithSectionDefault, None, ["inner.layers=[7]"])
+    assert cfg.inner == Inner(lr=0.5, layers=[7], mode="b"), "keys not given keep the section's default, not the class's"
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  mode: c\n")
+    assert load_config(WithSectionDefault, path).inner == Inner(lr=0.5, mode="c")

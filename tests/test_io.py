@@ -1,6 +1,7 @@
 """Run storage on any pyarrow filesystem: atomic writes, reads that name what is missing, local copies."""
 
 import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -119,6 +119,10 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config", pref
         raise ConfigError(f"{source}: unknown key(s) {where} for {cls.__name__}; known: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in values.items():
+        factory = fields[name].default_factory
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and factory is not _NO_DEFAULT:
+            # A section's default may differ from its class's (PairsConfig's prompt, say): keys not given keep it.
+            value = _merge(dataclasses.asdict(factory()), value)
         kwargs[name] = _coerce(hints[name], value, source, prefix + name)
     try:
         return cls(**kwargs)
@@ -134,6 +138,14 @@ def fingerprint(cfg: Any) -> str:
     """A stable hash of a config (or any JSON-able value): stages compare it to skip unchanged work."""
     payload = json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update`'s keys on top, section by section."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -21,7 +21,7 @@ from recalign.align.config import AlignConfig, SweepConfig
 from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space, results_frame,
                                   run_sweep, validation_rows, write_results)
 from tests.helpers import REPO
-from tests.helpers.pairs import write_pairs
+from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 
 # 4 examples, batch 2, 1 worker: 2 optimizer steps per epoch, so rung r ends at step 2r.
 SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=32,
@@ -117,8 +117,8 @@ def sweep_inputs(ml100k_dir, tiny_llama_dir, tmp_path_factory):
     data = Dataset(ml100k_dir)
     valid = data.split("valid")
     rows = validation_rows(len(valid), TWO_TRIALS.valid_users, TWO_TRIALS.seed)
-    rerank = RerankConfig(max_history=3, batch_size=4)
-    prompts = build_prompts(data, "valid", rows, AutoTokenizer.from_pretrained(tiny_llama_dir), rerank)
+    rerank = RerankConfig(batch_size=4)
+    prompts = build_prompts(data, "valid", rows, AutoTokenizer.from_pretrained(tiny_llama_dir), TEST_PROMPTS)
     return {"pairs": pairs, "prompts": prompts, "target_index": valid.target_index[rows],
             "num_candidates": valid.candidates.shape[1], "rerank": rerank}
 
@@ -328,7 +328,7 @@ def test_sweep_job_killed_mid_sweep_continues_when_run_again(ml100k_dir, tiny_ll
     write_pairs(ml100k_dir, str(tiny_llama_dir), str(run_dir / "pairs"), num_users=4, num_negatives=1,
                 paths=("rerank",))
     args = [sys.executable, os.path.join(REPO, "jobs", "sweep.py"), f"run.root={tmp_path / 'runs'}", "run.name=t",
-            f"model={tiny_llama_dir}", "ray.num_cpus=2", "rerank.max_history=3", "rerank.batch_size=4",
+            f"model={tiny_llama_dir}", "ray.num_cpus=2", "rerank.batch_size=4",
             "sweep.loss_types=[dmpo,sdpo]", "sweep.betas=[0.5]", "sweep.num_negatives=[1]", "sweep.rungs=2",
             "sweep.grace_period=2", "sweep.max_concurrent=1", "sweep.valid_users=4",
             *[f"align.{k}={v}" for k, v in SMALL.items()]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from recalign import io
@@ -19,6 +20,8 @@ def write_pairs(data_dir: str, model_dir: str, out_dir: str, num_users: int = 12
     from recalign.pairs.heuristic import heuristic_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The pairs stage records its prompt; evaluation, the sweep and Serve read the run's re-rank prompt there.
+    io.write_json({"prompt": dataclasses.asdict(TEST_PROMPTS)}, os.path.join(out_dir, "config.json"))
     uris = []
     for seed, path in enumerate(paths):
         uri = os.path.join(out_dir, f"{path}.parquet")

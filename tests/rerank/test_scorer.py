@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from recalign.llm.policy import load_policy
+from recalign.prompts import PromptConfig
 from recalign.rerank import scorer as rerank
+
+PROMPT = PromptConfig(max_history=10, show_genres=False)
 
 
 def test_letter_ids_are_single_distinct_tokens(tiny_llama_dir):
@@ -24,7 +27,7 @@ def test_scorer_matches_a_manual_forward(tiny_llama_dir, ml100k_dir):
     loader = functools.partial(load_policy, str(tiny_llama_dir))
     model, tok = loader()
     data = Dataset(ml100k_dir)
-    texts = rerank.build_prompts(data, "test", np.array([0, 1, 2]), tok, cfg)
+    texts = rerank.build_prompts(data, "test", np.array([0, 1, 2]), tok, PROMPT)
     assert all("labelled A to T" in t for t in texts)
     scorer = rerank.LetterScorer(loader, 20, cfg)
     out = scorer({"row": np.array([0, 1, 2]), "prompt": np.array(texts, dtype=object)})
@@ -45,7 +48,7 @@ def test_bfloat16_scorer_computes_letter_logits_in_float32(tiny_llama_dir, ml100
     cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2, dtype="bfloat16")
     loader = functools.partial(load_policy, str(tiny_llama_dir), None, "bfloat16")
     model, tok = loader()
-    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, cfg)
+    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.array([0, 1]), tok, PROMPT)
     out = rerank.LetterScorer(loader, 20, cfg)({"row": np.array([0, 1]), "prompt": np.array(texts, dtype=object)})
     ids = rerank.letter_token_ids(tok, 20)
     head = model.get_output_embeddings().weight[ids].float()
@@ -77,7 +80,7 @@ def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir):
     cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2)
     loader = functools.partial(load_policy, str(tiny_llama_dir))
     _, tok = loader()
-    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, cfg)
+    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, PROMPT)
     logits, answers = rerank.score_rows_with_ray(dict(enumerate(texts)), loader, 20, cfg)
     assert sorted(logits) == [0, 1, 2, 3, 4] and all(v.shape == (20,) for v in logits.values())
     direct = rerank.LetterScorer(loader, 20, cfg)({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})

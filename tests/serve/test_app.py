@@ -11,6 +11,7 @@ import pytest
 
 from recalign.data.dataset import Dataset
 from recalign.llm.policy import load_policy
+from recalign.prompts import PromptConfig
 from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import RequestError, RerankService
 
@@ -18,7 +19,8 @@ from recalign.rerank.service import RequestError, RerankService
 @pytest.fixture(scope="module")
 def service(tiny_llama_dir, ml100k_dir):
     loader = functools.partial(load_policy, str(tiny_llama_dir))
-    return RerankService(Dataset(ml100k_dir).items, loader, RerankConfig(max_new_tokens=1), model_name="tiny")
+    return RerankService(Dataset(ml100k_dir).items, loader, RerankConfig(max_new_tokens=1),
+                         PromptConfig(max_history=10, show_genres=False), model_name="tiny")
 
 
 def test_rerank_ranks_every_candidate_by_letter_logit(service):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,11 @@ Log = Callable[[str], None]
 
 @dataclass
 class KnowledgeGenConfig:
+    """How evaluation writes each knowledge policy's analyses. The prompt is the one the run sampled with
+    (`recalign.sampling.stage.knowledge_prompt`), the prompt the policies were rewarded and aligned on."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"prompt": "the knowledge prompt is read from the run (sample.prompt)"}
+
     max_new_tokens: int = option(96, "greedy analysis length for the knowledge re-ranker")
     batch_size: int = option(16, "rows (user x policy) per generate call")
     num_actors: int = option(1, "engine actors generating at once (CPU nodes: one per core, each with engine.threads)")

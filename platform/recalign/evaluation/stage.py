@@ -24,9 +24,12 @@ from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.llm.policy import load_policy
+from recalign.pairs.stage import rerank_prompt
+from recalign.prompts import PromptConfig
 from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
 from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
 from recalign.sampling.engines import EngineConfig
+from recalign.sampling.stage import knowledge_prompt
 from recalign.systems import baseline_systems, summarise
 
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
@@ -134,10 +137,11 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     if io.exists(io.join(run.dir("reward_model", "ka"), "model.pt")):
         results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies,
                                           engine or EngineConfig(), base_key, log))
+    prompt = rerank_prompt(run) if llm_policies else None
     for policy in llm_policies:
-        results[policy.name] = _cached(run, policy.name, fingerprint([base_key, policy.key, to_dict(cfg.rerank),
-                                                                     sub.tolist()]),
-                                       lambda p=policy: _llm_system(data, cfg, split, sub, model_path, p), log)
+        key = fingerprint([base_key, policy.key, to_dict(cfg.rerank), to_dict(prompt), sub.tolist()])
+        results[policy.name] = _cached(run, policy.name, key, lambda p=policy: _llm_system(
+            data, cfg, prompt, split, sub, model_path, p), log)
 
     per_example = {n: {m: np.asarray(v) for m, v in r["metrics"].items()} for n, r in results.items()}
     rows = {n: np.asarray(r["rows"]) for n, r in results.items()}
@@ -162,14 +166,15 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine,
         score_with_knowledge(ka, split.history, split.candidates, None, None), split.target_index,
         np.arange(len(split)), cfg.eval.metrics), log)}
     names = {p.name: f"ka-sasrec + {p.name} knowledge" for p in policies}
-    gen = {k: v for k, v in to_dict(cfg.knowledge).items() if k in ("max_new_tokens", "prompt")}
+    prompt = knowledge_prompt(run)
+    gen = {"max_new_tokens": cfg.knowledge.max_new_tokens, "prompt": to_dict(prompt)}
     keys = {p.name: fingerprint([ka_key, p.key, gen, sub.tolist()]) for p in policies}
     todo = [p for p in policies if not _is_cached(run, names[p.name], keys[p.name])]
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if todo:  # every policy that lacks results, in one generation pass and one encoder pass
         users = split.user_idx[sub]
         log(f"[evaluate] knowledge: greedy analyses of {len(users)} users by {[p.name for p in todo]}")
-        prompts = knowledge_prompts(run.dir("data"), cfg.eval.split, users, model_path, cfg.knowledge.prompt)
+        prompts = knowledge_prompts(run.dir("data"), cfg.eval.split, users, model_path, prompt)
         answers = generate_analyses(prompts, {p.name: p.adapter for p in todo}, model_path, engine,
                                     cfg.knowledge, log)
         vectors = knowledge_vectors(answers, users, data.num_users, run.dir("eval", "knowledge"))
@@ -182,10 +187,11 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine,
     return out
 
 
-def _llm_system(data: Dataset, cfg: FinalEvalConfig, split, sub: np.ndarray, model_path: str, policy: Policy) -> dict:
+def _llm_system(data: Dataset, cfg: FinalEvalConfig, prompt: PromptConfig, split, sub: np.ndarray, model_path: str,
+                policy: Policy) -> dict:
     loader = functools.partial(load_policy, model_path, policy.adapter, cfg.rerank.dtype)
     _, tokenizer = load_policy(model_path) if policy.adapter else loader()
-    texts = build_prompts(data, cfg.eval.split, sub, tokenizer, cfg.rerank)
+    texts = build_prompts(data, cfg.eval.split, sub, tokenizer, prompt)
     logits, answers = score_rows_with_ray(dict(zip(sub.tolist(), texts)), loader, split.candidates.shape[1], cfg.rerank)
     scores = np.stack([logits[r] for r in sub.tolist()])
     result = _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)

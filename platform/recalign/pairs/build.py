@@ -41,8 +41,9 @@ class PairsConfig:
     seed: int = option(0, "random negatives")
     model: str = option("smollm2", "policy model (name or HF folder) whose chat template renders rerank prompts")
     models_dir: str = option("models", "where named models are converted (recalign.llm.resolve_model)")
-    prompt: PromptConfig = option(factory=PromptConfig, help="re-rank prompt settings; the pipeline sets them from the "
-                                                            "evaluated re-ranker's")
+    prompt: PromptConfig = option(factory=lambda: PromptConfig(max_history=10, show_genres=False),
+                                  help="the re-rank prompt (history shown, ratings, genres): the re-rank policies "
+                                       "train on it; evaluation, the sweep and Serve read it from the run")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.paths) - set(PATHS))

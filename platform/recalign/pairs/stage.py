@@ -3,6 +3,7 @@
     samples/ + rewards/ + data/ -> pairs/knowledge.parquet   (best analysis vs the K worst)
     data/ + baselines/sasrec/   -> pairs/rerank.parquet      (the target's letter vs K negatives)
                                    pairs/summary.json        (counts per path)
+                                   pairs/config.json         (the config: the run's re-rank prompt)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.pairs.build import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
+from recalign.prompts import PromptConfig
 from recalign.runs import Log, RunSpec, input_key, run_stage
 from recalign.sampling.stage import load_samples
 
@@ -44,9 +46,20 @@ def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = 
                 + (f"({counts['dropped_margin']} dropped by margin {cfg.margin:g})" if path == "knowledge"
                    else f"({cfg.negatives} negatives)"))
         io.write_json(summary, io.join(out_dir, "summary.json"))
+        io.write_json({**to_dict(cfg), "model_path": model_path}, io.join(out_dir, "config.json"))
         return summary
 
     return run_stage("pairs", out_dir, key, build, log, force)
+
+
+def rerank_prompt(run: RunSpec) -> PromptConfig:
+    """The run's re-rank prompt: the one its re-rank pairs were rendered with (pairs/config.json), which the
+    re-rank policies were trained on, and so the one evaluation, the sweep and Serve must prompt with. A run
+    without a pairs stage (zero-shot only) gets the pairs config's default."""
+    uri = run.dir("pairs", "config.json")
+    if not io.exists(uri):
+        return PairsConfig().prompt
+    return PromptConfig(**io.read_json(uri)["prompt"])
 
 
 def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> tuple[pa.Table, dict]:

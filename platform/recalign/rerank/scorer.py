@@ -10,7 +10,7 @@ HR@1 over all rows and over valid rows (PAPERS.md: report all three).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -21,9 +21,13 @@ from recalign.data.dataset import Dataset
 
 @dataclass
 class RerankConfig:
-    max_history: int = option(10, "history items in the prompt (LLaRA/S-DPO use at most 10)")
-    show_genres: bool = option(False, "genres make prompts ~2x longer")
-    show_ratings: bool = option(True, "each history item shows the user's rating")
+    """How the letter-logit re-ranker scores. Its prompt is the run's re-rank prompt, the one the re-rank
+    policies were trained on (`recalign.pairs.stage.rerank_prompt`), so it is not set here."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        key: f"the re-rank prompt is the pairs stage's: set pairs.prompt.{key} (evaluation, the sweep and Serve "
+             "read it from the run)" for key in ("max_history", "show_genres", "show_ratings")}
+
     max_new_tokens: int = option(8, "free-generation answer length (\"C. Title...\")")
     batch_size: int = option(4, "prompts per forward pass")
     dtype: str = option("float32", "float32 | bfloat16")
@@ -31,10 +35,6 @@ class RerankConfig:
     num_actors: int = option(1, "Ray Data scorer actors")
     cpus_per_actor: float = option(1.0, "Ray CPUs per scorer actor")
     num_gpus: float = option(0.0, "Ray GPUs per scorer actor; an actor that holds one scores on it")
-
-    def prompt_config(self) -> prompts.PromptConfig:
-        return prompts.PromptConfig(max_history=self.max_history, show_ratings=self.show_ratings,
-                                    show_genres=self.show_genres)
 
 
 def letter_token_ids(tokenizer, num_candidates: int) -> list[int]:
@@ -51,12 +51,11 @@ def letter_token_ids(tokenizer, num_candidates: int) -> list[int]:
     return ids
 
 
-def build_prompts(data: Dataset, split: str, rows: np.ndarray, tokenizer, cfg: RerankConfig) -> list[str]:
+def build_prompts(data: Dataset, split: str, rows: np.ndarray, tokenizer, prompt: prompts.PromptConfig) -> list[str]:
     """Chat-rendered re-rank prompts for the given rows of a split."""
     arrays = data.split(split)
-    pcfg = cfg.prompt_config()
     return [prompts.render(tokenizer, prompts.rerank_messages(
-        data.items, arrays.history[r], arrays.history_ratings[r], arrays.candidates[r], pcfg)) for r in rows]
+        data.items, arrays.history[r], arrays.history_ratings[r], arrays.candidates[r], prompt)) for r in rows]
 
 
 class LetterScorer:

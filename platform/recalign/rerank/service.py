@@ -31,11 +31,14 @@ class ParsedRequest:
 
 
 class RerankService:
-    def __init__(self, items, loader: Callable[[], tuple[Any, Any]], cfg: RerankConfig, model_name: str = ""):
-        """items: the dataset's items frame (index item_idx; columns item_id, title, year, genres)."""
+    def __init__(self, items, loader: Callable[[], tuple[Any, Any]], cfg: RerankConfig, prompt: prompts.PromptConfig,
+                 model_name: str = ""):
+        """items: the dataset's items frame (index item_idx; columns item_id, title, year, genres); prompt: the
+        run's re-rank prompt (`recalign.pairs.stage.rerank_prompt`), the one its policies were trained on."""
         self.items = items
         self.index_of = {str(item_id): int(idx) for idx, item_id in zip(items.index, items["item_id"])}
         self.cfg = cfg
+        self.prompt_cfg = prompt
         self.model_name = model_name
         self.scorer = LetterScorer(loader, len(prompts.LETTERS), cfg)
         self.tokenizer = self.scorer.tokenizer
@@ -75,7 +78,7 @@ class RerankService:
 
     def prompt(self, req: ParsedRequest) -> str:
         return prompts.render(self.tokenizer, prompts.rerank_messages(
-            self.items, req.history, req.ratings, req.candidates, self.cfg.prompt_config()))
+            self.items, req.history, req.ratings, req.candidates, self.prompt_cfg))
 
     def rerank(self, requests: list[Any]) -> list[dict]:
         """Score a batch of parsed-or-raw requests in one pass; each reply ranks its candidates."""
