@@ -40,6 +40,34 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """The tiny clustered dataset (tests.helpers.data.tiny_data_config), prepared once per session; read-only."""
+    from tests.helpers.data import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def pairs_uris(ml100k_dir, tiny_llama_dir, tmp_path_factory):
+    """Heuristic knowledge and re-rank pairs of 6 ml-100k users, K=3, rendered for the tiny Llama."""
+    from tests.helpers.pairs import write_pairs
+
+    return write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=6)
+
+
+@pytest.fixture
+def fakes_by_value():
+    """The scripted engines of tests.helpers.fakes pickled by value, so Ray workers need not import them."""
+    import ray.cloudpickle as cloudpickle
+
+    from tests.helpers import fakes
+
+    cloudpickle.register_pickle_by_value(fakes)
+    yield
+    cloudpickle.unregister_pickle_by_value(fakes)
+
+
+@pytest.fixture(scope="session")
 def ml100k_dir(tmp_path_factory):
     """ml-100k prepared once per session with the default protocol."""
     from recalign.data.dataset import DataConfig, prepare

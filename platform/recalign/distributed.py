@@ -21,6 +21,7 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
     num_to_keep checkpoints kept. `storage_path` + `run_name` name the run: fitting the same pair again
     resumes it.
     """
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -33,7 +34,10 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:  # a worker's exception, or the controller's: name the run
+        raise RuntimeError(f"{what} failed: {err}") from err
     if result.error:
         raise RuntimeError(f"{what} failed: {result.error}") from result.error
     if result.checkpoint is None:

@@ -1,7 +1,6 @@
 """The alignment trainer's pieces without a cluster: pairs I/O, the data plan, one optimizer step."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -9,52 +8,8 @@ from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.logprobs import PolicyScorer
 from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
-from recalign.pairs.build import PAIRS_SCHEMA
-from recalign.pairs.heuristic import heuristic_pairs
 from recalign.pairs.read import load_pairs
-from tests.helpers.pairs import TEST_PROMPTS, write_pairs
-
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=48,
-             lora_target_modules=["q_proj", "v_proj", "up_proj"], learning_rate=1e-2, num_workers=1)
-
-
-@pytest.fixture(scope="module")
-def pairs_uris(ml100k_dir, tiny_llama_dir, tmp_path_factory):
-    return write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=6)
-
-
-def test_heuristic_pairs_follow_the_schema(ml100k_dir, tiny_llama_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    for path in ("knowledge", "rerank"):
-        table = heuristic_pairs(ml100k_dir, tokenizer, path, num_negatives=3, num_users=5, prompt_cfg=TEST_PROMPTS)
-        assert table.schema.equals(PAIRS_SCHEMA) and table.num_rows == 5
-        rows = table.to_pylist()
-        assert {r["path"] for r in rows} == {path}
-        assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
-        assert all(len(r["rejected"]) == 3 and r["chosen"] not in r["rejected"] for r in rows)
-        assert len({r["user_idx"] for r in rows}) == 5
-
-
-def test_load_pairs_keeps_the_first_k_and_names_bad_rows(pairs_uris, tmp_path):
-    examples = load_pairs(pairs_uris, num_negatives=2)
-    assert len(examples) == 12 and {e.path for e in examples} == {"knowledge", "rerank"}
-    full = io.read_parquet(pairs_uris[0]).to_pylist()
-    assert examples[0].rejected == full[0]["rejected"][:2], "most-rejected first: the first K are kept"
-    subset = load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
-    assert len(subset) == 5 and subset == load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
-    assert [e.prompt for e in subset] == [e.prompt for e in examples if e in subset], "a subset keeps file order"
-    with pytest.raises(ValueError, match=r"knowledge.parquet: row 0 \(user_idx \d+\): 3 rejected"):
-        load_pairs(pairs_uris, num_negatives=4)
-    bad = tmp_path / "bad.parquet"
-    io.write_parquet(pa.table({"user_idx": pa.array([7], pa.int32()), "path": ["rerank"], "prompt": [""],
-                               "chosen": ["A"], "rejected": [["B"]]}), str(bad))
-    with pytest.raises(ValueError, match=r"bad.parquet: row 0 \(user_idx 7\): prompt is empty"):
-        load_pairs([str(bad)], 1)
-    with pytest.raises(ValueError, match="missing column"):
-        io.write_parquet(pa.table({"prompt": ["x"]}), str(bad))
-        load_pairs([str(bad)], 1)
+from tests.helpers.align import SMALL_ALIGN
 
 
 def test_plan_shards_are_disjoint_deterministic_and_resumable():
@@ -87,7 +42,7 @@ def test_train_step_changes_every_lora_weight_and_no_frozen_weight(loss_type, pa
     from transformers import AutoTokenizer
 
     cfg = AlignConfig(loss_type=loss_type, num_negatives=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                      **SMALL)
+                      **SMALL_ALIGN)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples = encode_pairs(tokenizer, load_pairs(pairs_uris, cfg.num_negatives), cfg)
     model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
@@ -117,7 +72,7 @@ def test_on_the_fly_reference_with_naive_path(pairs_uris, tiny_llama_dir):
     """No precomputed reference: the base model (adapter disabled) scores every step, via K+1 full sequences."""
     from transformers import AutoTokenizer
 
-    cfg = AlignConfig(loss_type="sdpo", num_negatives=2, per_device_train_batch_size=3, prompt_sharing="none", **SMALL)
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=2, per_device_train_batch_size=3, prompt_sharing="none", **SMALL_ALIGN)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
     model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
@@ -141,7 +96,7 @@ def test_sft_only_config_plans_no_preference_steps():
 def test_policy_starts_from_an_init_adapter_of_the_same_shape(tiny_llama_dir, tmp_path):
     from recalign.align.trainer import check_adapter
 
-    cfg = AlignConfig(seed=1, **SMALL)
+    cfg = AlignConfig(seed=1, **SMALL_ALIGN)
     first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
     with torch.no_grad():  # a fresh LoRA has B = 0; give every weight a value the other seed would not draw
         for name, param in first.named_parameters():
@@ -149,11 +104,11 @@ def test_policy_starts_from_an_init_adapter_of_the_same_shape(tiny_llama_dir, tm
                 param.normal_(0, 0.1)
     first.save_pretrained(str(tmp_path / "sft"))
     check_adapter(str(tmp_path / "sft"), cfg)
-    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL), torch.device("cpu"), str(tmp_path / "sft"))
+    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL_ALIGN), torch.device("cpu"), str(tmp_path / "sft"))
     lora = {n: p for n, p in first.named_parameters() if "lora_" in n}
     assert lora and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in lora.items())
     with pytest.raises(ValueError, match=r"r=4 but align asks for r=8"):
-        check_adapter(str(tmp_path / "sft"), AlignConfig(**{**SMALL, "lora_r": 8}))
+        check_adapter(str(tmp_path / "sft"), AlignConfig(**{**SMALL_ALIGN, "lora_r": 8}))
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
         check_adapter(str(tmp_path), cfg)
 
@@ -168,7 +123,7 @@ def test_init_adapter_and_policy_load_from_remote_run_storage(tiny_llama_dir, tm
     from recalign.align.trainer import check_adapter
     from recalign.llm.policy import load_policy
 
-    cfg = AlignConfig(seed=1, **SMALL)
+    cfg = AlignConfig(seed=1, **SMALL_ALIGN)
     first = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
     with torch.no_grad():
         for name, param in first.named_parameters():
@@ -182,7 +137,7 @@ def test_init_adapter_and_policy_load_from_remote_run_storage(tiny_llama_dir, tm
     shutil.rmtree(tmp_path / "sft")  # only the remote copy is left
 
     check_adapter(remote, cfg)
-    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL), torch.device("cpu"), remote)
+    second = build_policy(str(tiny_llama_dir), AlignConfig(seed=2, **SMALL_ALIGN), torch.device("cpu"), remote)
     lora = {n: p for n, p in first.named_parameters() if "lora_" in n}
     assert lora and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in lora.items())
     merged, _ = load_policy(str(tiny_llama_dir), remote)
@@ -200,7 +155,7 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_
     sums = {}
     for precision in ("no", "bf16"):
         cfg = AlignConfig(loss_type="sdpo", num_negatives=2, per_device_train_batch_size=2, bf16=precision == "bf16",
-                          **SMALL)
+                          **SMALL_ALIGN)
         examples = encode_pairs(tokenizer, load_pairs(pairs_uris, 2), cfg)
         model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -7,11 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -20,27 +15,11 @@ import pytest
 from recalign.align.config import AlignConfig, SweepConfig
 from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space, results_frame,
                                   run_sweep, validation_rows, write_results)
-from tests.helpers import REPO
+from tests.helpers.align import SWEEP_TRIAL, adapter_metrics, draw_trials
 from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 
-# 4 examples, batch 2, 1 worker: 2 optimizer steps per epoch, so rung r ends at step 2r.
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=32,
-             learning_rate=5e-3, per_device_train_batch_size=2, num_workers=1, save_steps=50, max_failures=0)
 TWO_TRIALS = SweepConfig(loss_types=["dmpo", "sdpo"], betas=[0.5], num_negatives=[1], rungs=2, grace_period=2,
                          max_concurrent=2, valid_users=4)
-
-
-def _draw(cfg: SweepConfig) -> list[dict]:
-    """The trial configs Tune's variant generator draws from the sweep's space, in order."""
-    from recalign.align.sweep import _seeded_search
-
-    search = _seeded_search(cfg.seed)
-    search.add_configurations({"t": {"run": lambda config: None, "config": param_space(cfg),
-                                     "num_samples": cfg.num_samples}})
-    configs = []
-    while (trial := search.next_trial()) is not None:
-        configs.append(trial.config)
-    return configs
 
 
 def test_grid_space_is_every_combination():
@@ -48,18 +27,18 @@ def test_grid_space_is_every_combination():
     space = param_space(cfg)
     assert space == {"loss_type": {"grid_search": ["dmpo", "sdpo"]}, "beta": {"grid_search": [0.1, 1.0]},
                      "num_negatives": {"grid_search": [1, 3]}}
-    drawn = {(c["loss_type"], c["beta"], c["num_negatives"]) for c in _draw(cfg)}
-    assert len(_draw(cfg)) == 8 and drawn == {(lt, b, k) for lt in ("dmpo", "sdpo") for b in (0.1, 1.0)
+    drawn = {(c["loss_type"], c["beta"], c["num_negatives"]) for c in draw_trials(cfg)}
+    assert len(draw_trials(cfg)) == 8 and drawn == {(lt, b, k) for lt in ("dmpo", "sdpo") for b in (0.1, 1.0)
                                               for k in (1, 3)}
-    assert len(_draw(dataclasses.replace(cfg, num_samples=2))) == 16  # num_samples repeats the grid
+    assert len(draw_trials(dataclasses.replace(cfg, num_samples=2))) == 16  # num_samples repeats the grid
 
 
 def test_random_space_is_seeded_and_within_bounds():
     cfg = SweepConfig(search="random", loss_types=["dpo", "sdpo"], num_negatives=[1, 3], beta_range=[0.05, 2.0],
                       num_samples=12, seed=3)
-    first, again = _draw(cfg), _draw(cfg)
+    first, again = draw_trials(cfg), draw_trials(cfg)
     assert len(first) == 12 and first == again
-    assert _draw(dataclasses.replace(cfg, seed=4)) != first
+    assert draw_trials(dataclasses.replace(cfg, seed=4)) != first
     assert {c["loss_type"] for c in first} <= {"dpo", "sdpo"} and {c["num_negatives"] for c in first} <= {1, 3}
     betas = np.array([c["beta"] for c in first])
     assert (betas >= 0.05).all() and (betas <= 2.0).all() and len(set(betas)) == 12
@@ -76,15 +55,6 @@ def test_validation_rows_are_a_seeded_sorted_subset():
     np.testing.assert_array_equal(rows, validation_rows(100, 10, seed=0))
     np.testing.assert_array_equal(validation_rows(5, 0, seed=0), np.arange(5))
     np.testing.assert_array_equal(validation_rows(5, 9, seed=0), np.arange(5))
-
-
-def test_shipped_sweep_yaml_is_an_eight_trial_grid():
-    import sweep
-
-    from recalign.config import load_config
-
-    cfg = load_config(sweep.SweepJob, os.path.join(REPO, "jobs", "configs", "sweep.yaml"))
-    assert len(_draw(cfg.sweep)) == 8 and cfg.sweep.rungs == 2 and cfg.align.num_workers == 2
 
 
 @dataclasses.dataclass
@@ -124,15 +94,10 @@ def sweep_inputs(ml100k_dir, tiny_llama_dir, tmp_path_factory):
 
 
 def _spec(inputs: dict, model_dir, root, hooks=()) -> TrialSpec:
-    return TrialSpec(align=AlignConfig(**SMALL), model_path=str(model_dir), pairs_uris=inputs["pairs"],
+    return TrialSpec(align=AlignConfig(**SWEEP_TRIAL), model_path=str(model_dir), pairs_uris=inputs["pairs"],
                      prompts=inputs["prompts"], target_index=inputs["target_index"],
                      num_candidates=inputs["num_candidates"], rerank=inputs["rerank"], rungs=TWO_TRIALS.rungs,
                      out_root=str(root / "trials"), storage_path=str(root / "ray"), hooks=list(hooks))
-
-
-def _adapter_metrics(adapter: str) -> dict:
-    with open(os.path.join(adapter, "metrics.json")) as f:
-        return json.load(f)
 
 
 @pytest.mark.ray
@@ -149,7 +114,7 @@ def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_
         history = result.metrics_dataframe
         assert history["rung"].tolist() == [1, 2] and history["steps"].tolist() == [2, 4]
         assert history[METRIC].between(0, 1).all() and np.isfinite(history["train_loss"]).all()
-        trained = _adapter_metrics(result.metrics["adapter"])
+        trained = adapter_metrics(result.metrics["adapter"])
         assert trained["loss_type"] == result.config["loss_type"] and trained["steps"] == 4
         assert trained["starts"] == [0, 2], "rung 2 resumed the Ray Train run of rung 1"
     # At K=1 DMPO and S-DPO are the same objective: the two trials train the same adapter.
@@ -253,124 +218,9 @@ def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_a
     by_trial = {r.metrics["trial_id"]: r for r in again}
     resumed = by_trial[errored.metrics["trial_id"]]
     assert resumed.metrics_dataframe["rung"].tolist() == [1, 2], "rung 1 was reported once, before the failure"
-    assert resumed.metrics["steps"] == 4 and _adapter_metrics(resumed.metrics["adapter"])["starts"] == [0, 2]
+    assert resumed.metrics["steps"] == 4 and adapter_metrics(resumed.metrics["adapter"])["starts"] == [0, 2]
     kept = by_trial[finished.metrics["trial_id"]]
     assert kept.metrics_dataframe["rung"].tolist() == [1, 2] and kept.metrics[METRIC] == finished.metrics[METRIC]
     assert os.stat(finished_adapter).st_mtime_ns == finished_mtime, "the finished trial did not train again"
     frame = results_frame(again)
     assert (frame["error"] == "").all() and (frame["rungs"] == 2).all()
-
-
-def _trials_done(storage_dir, rungs: int) -> set[str]:
-    """Trials that, in the sweep state saved to storage (what Tuner.restore reads), finished or reported their
-    last rung. Tune syncs that state when a trial checkpoints (each rung does), not when it terminates."""
-    states = sorted(storage_dir.glob("sweep-*/experiment_state-*.json"))  # the Train runs' dirs have none
-    if not states:
-        return set()
-    try:
-        trials = [(json.loads(t), json.loads(meta)) for t, meta in json.loads(states[-1].read_text())["trial_data"]]
-    except (json.JSONDecodeError, KeyError):  # caught mid-write
-        return set()
-    return {t["trial_id"] for t, meta in trials
-            if t["status"] == "TERMINATED" or (meta.get("last_result") or {}).get("rung") == rungs}
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid`, from /proc."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp session ...
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is already dead
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver (when still running) and every process of the session it leads; wait until gone.
-
-    Ray's worker processes move to process groups of their own, so killing the driver's group is not
-    enough; they all stay in the session that start_new_session=True gave the driver.
-    """
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    deadline = time.time() + 60
-    while pids := _session_pids(proc.pid):
-        assert time.time() < deadline, f"processes {pids} of session {proc.pid} survive SIGKILL"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
-def _start(args: list[str], env: dict, log_path) -> subprocess.Popen:
-    """The job in a new session (so that it and its Ray can be killed alone), output to log_path."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(args, cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-@pytest.mark.slow
-def test_sweep_job_killed_mid_sweep_continues_when_run_again(ml100k_dir, tiny_llama_dir, tmp_path):
-    """jobs/sweep.py in its own process with its own embedded Ray: killed (SIGKILL, its whole session) once
-    the first of two sequential trials has reported its last rung, then run again: it restores the sweep,
-    keeps the finished trial as it was, finishes the other and writes the results."""
-    import re
-
-    run_dir = tmp_path / "runs" / "t"
-    shutil.copytree(ml100k_dir, run_dir / "data")
-    write_pairs(ml100k_dir, str(tiny_llama_dir), str(run_dir / "pairs"), num_users=4, num_negatives=1,
-                paths=("rerank",))
-    args = [sys.executable, os.path.join(REPO, "jobs", "sweep.py"), f"run.root={tmp_path / 'runs'}", "run.name=t",
-            f"model={tiny_llama_dir}", "ray.num_cpus=2", "rerank.batch_size=4",
-            "sweep.loss_types=[dmpo,sdpo]", "sweep.betas=[0.5]", "sweep.num_negatives=[1]", "sweep.rungs=2",
-            "sweep.grace_period=2", "sweep.max_concurrent=1", "sweep.valid_users=4",
-            *[f"align.{k}={v}" for k, v in SMALL.items()]]
-    # Its own embedded Ray: nothing that would point it at the test session's.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(os.path.join(REPO, p) for p in ("platform", "jobs")))
-
-    first_log = tmp_path / "first.log"
-    proc = _start(args, env, first_log)
-    try:
-        deadline = time.time() + 400
-        while not (finished := _trials_done(run_dir / "ray", rungs=2)):
-            assert proc.poll() is None, f"the sweep exited early:\n{first_log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"no trial finished in time:\n{first_log.read_text()[-3000:]}"
-            time.sleep(1)
-        assert proc.poll() is None, "the sweep finished before it could be interrupted"
-    finally:
-        _kill_session(proc)
-    for ray_tmp in set(re.findall(r"(/tmp/rcray-[A-Za-z0-9_]+)", first_log.read_text())):
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # the killed driver could not remove its embedded Ray's files
-    (done,) = finished
-    assert not (run_dir / "sweep" / "best.json").exists()
-    done_adapter = run_dir / "sweep" / "trials" / done
-    done_mtime = (done_adapter / "adapter_model.safetensors").stat().st_mtime_ns
-    (done_progress,) = (run_dir / "ray").glob(f"sweep-*/trial_{done}_*/progress.csv")
-    assert pd.read_csv(done_progress)["rung"].tolist() == [1, 2]
-
-    second_log = tmp_path / "second.log"
-    proc = _start(args, env, second_log)
-    try:
-        returncode = proc.wait(timeout=500)
-    finally:
-        _kill_session(proc)
-    output = second_log.read_text()
-    assert returncode == 0, output[-3000:]
-    assert "restoring the sweep" in output and "best: " in output
-    frame = pd.read_csv(run_dir / "sweep" / "results.csv", dtype={"trial": str, "error": str},
-                        keep_default_na=False)
-    assert len(frame) == 2 and (frame["error"] == "").all() and (frame["rungs"] == 2).all()
-    assert json.loads((run_dir / "sweep" / "best.json").read_text())["trial"] in set(frame["trial"])
-    assert (done_adapter / "adapter_model.safetensors").stat().st_mtime_ns == done_mtime, "finished trial not rerun"
-    assert pd.read_csv(done_progress)["rung"].tolist() == [1, 2]
-    for trial_id in frame["trial"]:
-        trained = _adapter_metrics(str(run_dir / "sweep" / "trials" / trial_id))
-        assert trained["steps"] == 4 and trained["starts"][0] == 0

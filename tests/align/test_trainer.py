@@ -10,20 +10,12 @@ import torch
 
 from recalign.align.config import AlignConfig
 from recalign.align.trainer import CrashOnce, train_policy
-from tests.helpers.pairs import write_pairs
+from tests.helpers.align import TWO_WORKERS
 
 pytestmark = pytest.mark.ray
 
-SMALL = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=128, max_completion_length=48,
-             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-             learning_rate=5e-3, per_device_train_batch_size=2, num_workers=2, save_steps=2)
 TAGS = ["train/loss", "train/reward_accuracy", "train/rewards_chosen", "train/rewards_rejected", "train/reward_margin",
         "train/tokens_per_s", "sft/loss"]
-
-
-@pytest.fixture(scope="module")
-def pairs_uris(ml100k_dir, tiny_llama_dir, tmp_path_factory):
-    return write_pairs(ml100k_dir, str(tiny_llama_dir), str(tmp_path_factory.mktemp("pairs")), num_users=8)
 
 
 def _grad_sync_loop(config):
@@ -79,7 +71,7 @@ def test_ddp_gradients_synchronise_across_workers(ray_local, tiny_llama_dir, pai
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, **SMALL)
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, **TWO_WORKERS)
     TorchTrainer(_grad_sync_loop, train_loop_config={"cfg": cfg, "model": str(tiny_llama_dir), "pairs": pairs_uris,
                                                      "out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -101,7 +93,7 @@ def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray
     from recalign.align.loop import build_policy
 
     # 1 SFT step, then 4 preference steps; checkpoints after steps 1, 2, 4, 5; worker 1 dies after step 3.
-    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, sft_max_steps=1, max_steps=4, max_failures=1, **SMALL)
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, sft_max_steps=1, max_steps=4, max_failures=1, **TWO_WORKERS)
     out_dir = str(tmp_path / "runs" / "t" / "policy" / "sdpo")
     marker = str(tmp_path / "killed")
     summary = train_policy(cfg, str(tiny_llama_dir), pairs_uris, out_dir, str(tmp_path / "ray"), "align-resume",
@@ -144,48 +136,3 @@ def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray
     assert set(TAGS) <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 5], "the crashed attempt's step 3 is purged"
     assert [e.step for e in events.Scalars("sft/loss")] == [1]
-
-
-def test_job_trains_on_both_paths(ray_local, tiny_llama_dir, tmp_path):
-    """jobs/train_dpo.py end to end on the embedded Ray: synthetic pairs for both paths, 2 workers, DMPO."""
-    import train_dpo
-
-    run = [f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dmpo]",
-           "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=6", "synthetic_pairs.num_negatives=3",
-           "prompt.max_history=3", "align.num_negatives=2", "align.max_steps=2", "align.precompute_ref_log_probs=true",
-           "align.lora_r=4", "align.lora_alpha=8", "align.max_prompt_length=96", "align.max_completion_length=32",
-           "align.per_device_train_batch_size=2"]
-    summaries = train_dpo.main(run)
-    out_dir = tmp_path / "t" / "policy" / "dmpo"
-    assert summaries["dmpo"]["examples"] == 12 and summaries["dmpo"]["steps"] == 2
-    assert (out_dir / "adapter_model.safetensors").exists() and (out_dir / "_stage.json").exists()
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["config"]["precompute_ref_log_probs"] and metrics["num_negatives"] == 2
-    assert {p.split("/")[-1] for p in metrics["pairs"]} == {"knowledge.parquet", "rerank.parquet"}
-    marker_mtime = (out_dir / "_stage.json").stat().st_mtime
-    again = train_dpo.main(run)  # up to date: skipped
-    assert again["dmpo"]["steps"] == 2 and (out_dir / "_stage.json").stat().st_mtime == marker_mtime
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("prompt_sharing", ["packed", "none"])
-def test_job_trains_every_loss_type_with_sft_warmup(ray_local, tiny_llama_dir, tmp_path, prompt_sharing):
-    """All three losses in one job, K=3, an SFT warm-up first (reference = the warmed-up policy)."""
-    import train_dpo
-
-    summaries = train_dpo.main([
-        f"run.root={tmp_path}", "run.name=t", f"model={tiny_llama_dir}", "loss_types=[dpo,dmpo,sdpo]",
-        "synthetic_pairs.enabled=true", "synthetic_pairs.num_users=8", "synthetic_pairs.num_negatives=3",
-        "prompt.max_history=3", "align.num_negatives=3", "align.max_steps=3", "align.sft_max_steps=2",
-        f"align.prompt_sharing={prompt_sharing}", "align.lora_r=4", "align.lora_alpha=8", "align.learning_rate=5e-3",
-        "align.lora_dropout=0.0", "align.max_prompt_length=96", "align.max_completion_length=32",
-        "align.per_device_train_batch_size=2"])
-    assert set(summaries) == {"dpo", "dmpo", "sdpo"}
-    for loss_type, summary in summaries.items():
-        metrics = json.loads((tmp_path / "t" / "policy" / loss_type / "metrics.json").read_text())
-        assert metrics["steps"] == 5 and metrics["sft_steps"] == 2
-        assert [h["phase"] for h in metrics["history"]] == ["sft"] * 2 + ["preference"] * 3
-        first = metrics["history"][2]
-        # the reference is the SFT policy and the adapter starts there: the first preference step sees zero rewards
-        assert first["rewards_chosen"] == pytest.approx(0.0, abs=1e-5)
-        assert first["loss"] == pytest.approx(np.log(2) if loss_type != "sdpo" else np.log(4), abs=1e-4)

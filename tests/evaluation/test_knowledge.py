@@ -10,16 +10,7 @@ import pytest
 from recalign.evaluation.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
 from recalign.prompts import PromptConfig
 from recalign.sampling.engines import EngineConfig
-from tests.helpers import fakes as sampling_fakes
-
-
-@pytest.fixture
-def fakes_by_value():
-    import ray.cloudpickle as cloudpickle
-
-    cloudpickle.register_pickle_by_value(sampling_fakes)
-    yield
-    cloudpickle.unregister_pickle_by_value(sampling_fakes)
+from tests.helpers import fakes
 
 
 def test_prompts_are_the_sampling_stages_for_the_same_users(ml100k_dir, tiny_llama_dir):
@@ -49,8 +40,8 @@ def test_every_policy_answers_every_prompt_in_one_pass(ray_local, fakes_by_value
     logs = []
     answers = generate_analyses(prompts, adapters, "unused", EngineConfig(),
                                 KnowledgeGenConfig(batch_size=4, num_actors=2), log=logs.append,
-                                engine_factory=sampling_fakes.adapter_echo_engine)
-    assert answers == {name: [sampling_fakes.answer(p, a) for p in prompts] for name, a in adapters.items()}
+                                engine_factory=fakes.adapter_echo_engine)
+    assert answers == {name: [fakes.answer(p, a) for p in prompts] for name, a in adapters.items()}
     assert logs and logs[-1].startswith("[knowledge] 21/21 analyses (base, dpo, sdpo)")
 
     users = np.array([5, 2, 9, 0, 7, 1, 3])

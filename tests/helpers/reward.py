@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from recalign import io
-from recalign.data.dataset import DataConfig, Dataset, prepare
-from recalign.data.protocol import ProtocolConfig
+from recalign.data.dataset import Dataset
 from recalign.prompts import PromptConfig, knowledge_messages
 from recalign.sampling.actors import SAMPLES_SCHEMA, part_name
 
@@ -22,8 +21,6 @@ GENRES = ["action", "adventure", "animation", "children's", "comedy", "crime", "
 WORDS = ["the", "user", "likes", "enjoys", "dislikes", "and", "from", "old", "new", "movies", "films", "dark",
          "light", "mood", "themes", "era", "nineties", "eighties", "classic", "sentinel", "test", "item", "."]
 
-SENTINEL_TEST = "SENTINEL TEST ITEM"
-SENTINEL_VALID = "SENTINEL VALID ITEM"
 
 
 def save_tiny_bert(path: str | Path, hidden_size: int = 32, seed: int = 0) -> Path:
@@ -77,41 +74,6 @@ def make_samples(data: Dataset, num_samples: int = 3, users: np.ndarray | None =
                              "stop", "synthetic", "synthetic", seed))
     return pa.table({name: pa.array([r[i] for r in rows], type=SAMPLES_SCHEMA.field(name).type)
                      for i, name in enumerate(SAMPLES_SCHEMA.names)}, schema=SAMPLES_SCHEMA)
-
-
-def make_tiny_dataset(root: str | Path, num_users: int = 24, num_items: int = 40, sentinels: bool = False,
-                      seed: int = 0, num_candidates: int = 20) -> str:
-    """A prepared dataset of clustered random interactions; returns its data dir.
-
-    With `sentinels`, every user's second-to-last interaction is one shared item titled SENTINEL VALID
-    ITEM and the last one SENTINEL TEST ITEM: the protocol makes them every user's valid and test
-    targets, and since every user has seen them they are never anyone's negative candidate.
-    """
-    import pandas as pd
-
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    genres = ["Drama", "Comedy", "Horror", "Sci-Fi"]
-    items = [{"item_id": str(i), "title": f"Movie {i}", "year": 1990 + i % 10, "genres": [genres[i % 4]]}
-             for i in range(1, num_items + 1)]
-    if sentinels:
-        items += [{"item_id": "valid", "title": SENTINEL_VALID, "year": 2000, "genres": ["Drama"]},
-                  {"item_id": "test", "title": SENTINEL_TEST, "year": 2000, "genres": ["Drama"]}]
-    rows = []
-    for user in range(num_users):
-        liked = [i for i in range(1, num_items + 1) if i % 4 == user % 4]
-        length = int(rng.integers(7, 12))
-        seq = list(rng.choice(liked, size=min(length, len(liked)), replace=False))
-        seq = [str(i) for i in seq] + (["valid", "test"] if sentinels else [])
-        rows += [{"user_id": f"u{user}", "item_id": item, "timestamp": t, "rating": float(rng.integers(1, 6))}
-                 for t, item in enumerate(seq)]
-    pd.DataFrame(rows).to_parquet(root / "interactions.parquet")
-    pd.DataFrame(items).to_parquet(root / "items.parquet")
-    data_dir = str(root / "runs" / "tiny" / "data")
-    prepare(DataConfig(source="table", interactions=str(root / "interactions.parquet"),
-                       items=str(root / "items.parquet"), name="tiny",
-                       protocol=ProtocolConfig(num_candidates=num_candidates)), data_dir)
-    return data_dir
 
 
 def write_samples(table: pa.Table, samples_dir: str) -> None:

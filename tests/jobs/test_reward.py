@@ -35,7 +35,8 @@ def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
 
     from recalign.recsys.sasrec import SASRec, SASRecConfig
     from recalign.recsys.train import SASRecJobSpec, save_model
-    from tests.helpers.reward import SENTINEL_TEST, make_samples, make_tiny_dataset, save_tiny_bert, write_samples
+    from tests.helpers.data import SENTINEL_TEST, make_tiny_dataset
+    from tests.helpers.reward import make_samples, save_tiny_bert, write_samples
 
     root = tmp_path_factory.mktemp("leak")
     data_dir = make_tiny_dataset(root, sentinels=True)
@@ -59,7 +60,7 @@ def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
 
 
 def _sentinels(data: Dataset) -> tuple[int, int]:
-    from tests.helpers.reward import SENTINEL_TEST, SENTINEL_VALID
+    from tests.helpers.data import SENTINEL_TEST, SENTINEL_VALID
 
     titles = data.items["title"]
     test_item = int(titles.index[titles == SENTINEL_TEST][0])

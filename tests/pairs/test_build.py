@@ -78,10 +78,8 @@ def test_negative_positions_hard_and_random():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from tests.helpers.reward import make_tiny_dataset
-
-    return Dataset(make_tiny_dataset(tmp_path_factory.mktemp("pairs")))
+def tiny_data(tiny_data_dir):
+    return Dataset(tiny_data_dir)
 
 
 def test_rerank_pairs_letters_titles_and_hard_negatives(tiny_data, tiny_llama_dir):

@@ -39,10 +39,8 @@ def test_tie_break_orders_by_ndcg_first_then_probability():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.helpers.reward import make_tiny_dataset
-
-    data = Dataset(make_tiny_dataset(tmp_path_factory.mktemp("rewards")))
+def tiny(tiny_data_dir):
+    data = Dataset(tiny_data_dir)
     torch.manual_seed(0)
     model = KASASRec(data.num_items, SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=8),
                      KAConfig(adaptor_hidden=8), 4).eval()

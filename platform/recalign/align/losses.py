@@ -3,7 +3,7 @@
 Pure tensor functions. Every completion y is scored by its implicit reward
     r(y) = beta * (log pi_theta(y | x) - log pi_ref(y | x)),
 with log pi(y | x) the sum of the completion's token log-probabilities. For one chosen y_w and K
-rejected y_l_1..y_l_K (see /work/shared/PAPERS.md):
+rejected y_l_1..y_l_K:
 - DPO (Rafailov et al., arXiv 2305.18290):  L = -log sigmoid(r(y_w) - r(y_l)); with K > 1 the mean of the
   K pairwise losses.
 - DMPO (Bai et al., arXiv 2405.16127):      L = -log sigmoid(r(y_w) - (1/K) * sum_i r(y_l_i)).

@@ -1,0 +1,18 @@
+"""A tiny KA-SASRec and a two-row batch for the recommender tests."""
+
+from __future__ import annotations
+
+import torch
+
+from recalign.recsys.ka_sasrec import KAConfig, KASASRec
+from recalign.recsys.sasrec import SASRecConfig
+
+TINY_SASREC = SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0, max_len=6)
+HISTORY = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]])  # (2, 6), left-padded
+CANDIDATES = torch.tensor([[1, 2, 9], [10, 11, 12]])  # (2, 3)
+
+
+def tiny_ka_model(seed: int = 0, knowledge_dim: int = 8) -> KASASRec:
+    """A KA-SASRec over 30 items in eval mode, seeded."""
+    torch.manual_seed(seed)
+    return KASASRec(30, TINY_SASREC, KAConfig(adaptor_hidden=12, adaptor_dropout=0.0), knowledge_dim).eval()

@@ -1,0 +1,27 @@
+"""Pairs files as the trainer reads them: the first K negatives, seeded subsets, bad rows named."""
+
+import pyarrow as pa
+import pytest
+
+from recalign import io
+from recalign.pairs.read import load_pairs
+
+
+def test_load_pairs_keeps_the_first_k_and_names_bad_rows(pairs_uris, tmp_path):
+    examples = load_pairs(pairs_uris, num_negatives=2)
+    assert len(examples) == 12 and {e.path for e in examples} == {"knowledge", "rerank"}
+    full = io.read_parquet(pairs_uris[0]).to_pylist()
+    assert examples[0].rejected == full[0]["rejected"][:2], "most-rejected first: the first K are kept"
+    subset = load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
+    assert len(subset) == 5 and subset == load_pairs(pairs_uris, num_negatives=2, max_examples=5, seed=3)
+    assert [e.prompt for e in subset] == [e.prompt for e in examples if e in subset], "a subset keeps file order"
+    with pytest.raises(ValueError, match=r"knowledge.parquet: row 0 \(user_idx \d+\): 3 rejected"):
+        load_pairs(pairs_uris, num_negatives=4)
+    bad = tmp_path / "bad.parquet"
+    io.write_parquet(pa.table({"user_idx": pa.array([7], pa.int32()), "path": ["rerank"], "prompt": [""],
+                               "chosen": ["A"], "rejected": [["B"]]}), str(bad))
+    with pytest.raises(ValueError, match=r"bad.parquet: row 0 \(user_idx 7\): prompt is empty"):
+        load_pairs([str(bad)], 1)
+    with pytest.raises(ValueError, match="missing column"):
+        io.write_parquet(pa.table({"prompt": ["x"]}), str(bad))
+        load_pairs([str(bad)], 1)
