@@ -17,7 +17,6 @@ into tokens/s at 2 x params FLOPs per generated token. Results go to stdout and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -122,7 +121,7 @@ def engine_worker(conn, model_path: str, seed: int, cfg_kwargs: dict) -> None:
         conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--models-dir", default=os.path.join(ROOT, "models"))
@@ -137,23 +136,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for engines without threads=")
     parser.add_argument("--engine", action="append", help="NAME[:key=value,...]; repeatable (default: vllm, hf)")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "bench_sampling.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from recalign.llm import resolve_model
 
-    model_path = resolve_model(args.model, args.models_dir)
-    prompts = build_prompts(args.data_dir, model_path, args.users, args.seed)
-    specs = [parse_engine(s) for s in (args.engine or ["vllm", "hf"])]
-    batch_users = {spec: kwargs.pop("batch_users", args.batch_users) for spec, kwargs in specs}
-    # Engines take turns on units of the largest batch size; each splits a unit into its own batches.
-    unit = max(batch_users.values())
-    batches = [prompts[i:i + unit] for i in range(0, len(prompts), unit)]
-    params = count_params(model_path)
-    thread_counts = sorted({1, args.threads})
-    # Measured again after every round: on a shared machine the best measurement is the CPU's rate.
-    gflops = {t: [round(matmul_gflops(t), 1)] for t in thread_counts}
-    print(f"model {model_path}: {params / 1e6:.1f}M params; fp32 matmul {gflops} GFLOP/s by threads", flush=True)
-
+def start_workers(specs: list[tuple[str, dict]], model_path: str, args) -> dict:
+    """One spawned process per engine spec, each with its engine loaded: {spec: (proc, conn, kwargs, start-up s)}."""
     ctx = mp.get_context("spawn")
     workers = {}
     preload = {spec: str(kwargs.pop("preload", "")) for spec, kwargs in specs}
@@ -174,7 +161,12 @@ def main() -> None:
             raise SystemExit(f"{spec}: {reply[1]}")
         workers[spec] = (proc, parent, kwargs, reply[1])
         print(f"{spec}: started in {reply[1]:.1f}s", flush=True)
+    return workers
 
+
+def run_rounds(workers: dict, batches: list[list[str]], batch_users: dict, args, gflops: dict) -> dict:
+    """Every batch through every engine back to back, the order rotating, for args.rounds rounds; the matmul
+    rate is measured again after each round. Returns {spec: [per-round record]}."""
     runs = {spec: [] for spec in workers}
     specs_in_order = list(workers)
     for round_idx in range(args.rounds):
@@ -191,7 +183,7 @@ def main() -> None:
                 for k, value in enumerate(reply[1:]):
                     totals[spec][k] += value
             loads.append(os.getloadavg()[0])  # other jobs on a shared machine show up here
-        for t in thread_counts:
+        for t in gflops:
             gflops[t].append(round(matmul_gflops(t), 1))
         for spec, (tokens, seconds, cpu, stopped) in totals.items():
             runs[spec].append({"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
@@ -199,10 +191,11 @@ def main() -> None:
                                "loadavg_1m": round(statistics.mean(loads), 1)})
             print(f"round {round_idx + 1} {spec}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tokens/s, "
                   f"{tokens / cpu:.1f} tokens/CPU-s (load average {statistics.mean(loads):.1f})", flush=True)
-    for proc, conn, _, _ in workers.values():
-        conn.send(None)
-        proc.join(timeout=60)
+    return runs
 
+
+def report(workers: dict, runs: dict, batch_users: dict, gflops: dict, params: int, model_path: str, args) -> dict:
+    """The JSON report and the printed table: tokens/s, share of the roof, ratios to the transformers engine."""
     best_gflops = max(max(rates) for rates in gflops.values())
     roof = best_gflops * 1e9 / (2 * params)
     print(f"fp32 matmul GFLOP/s by threads, per measurement: {gflops}; best {best_gflops} -> roof {roof:.0f} "
@@ -212,28 +205,48 @@ def main() -> None:
                       "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs[spec]), 2),
                       "median_tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in runs[spec]), 2)}
                for spec, (_, _, kwargs, startup) in workers.items()}
-    report = {"machine": {"cpu": stdlib_platform.processor() or stdlib_platform.machine(), "cores": os.cpu_count()},
-              "setup": {"model": model_path, "params": params, "users": args.users, "n": args.n,
-                        "max_new_tokens": args.max_new_tokens, "batch_users": args.batch_users, "rounds": args.rounds},
-              "matmul_gflops_by_threads": gflops, "best_matmul_gflops": best_gflops,
-              "roof_tokens_per_s": round(roof, 1), "engines": results}
-    names = list(results)
+    out = {"machine": {"cpu": stdlib_platform.processor() or stdlib_platform.machine(), "cores": os.cpu_count()},
+           "setup": {"model": model_path, "params": params, "users": args.users, "n": args.n,
+                     "max_new_tokens": args.max_new_tokens, "batch_users": args.batch_users, "rounds": args.rounds},
+           "matmul_gflops_by_threads": gflops, "best_matmul_gflops": best_gflops,
+           "roof_tokens_per_s": round(roof, 1), "engines": results}
     print("\n| engine | start-up s | tokens/s (median) | share of roof | tokens/CPU-s (median) |\n"
           "| --- | --- | --- | --- | --- |")
-    for spec in names:
-        r = results[spec]
+    for spec, r in results.items():
         print(f"| {spec} | {r['startup_s']} | {r['median_tokens_per_s']} | {r['median_tokens_per_s'] / roof:.1%} | "
               f"{r['median_tokens_per_cpu_s']} |")
-    hf = [s for s in names if s.startswith("hf")]
-    for spec in names:
+    hf = [s for s in results if s.startswith("hf")]
+    for spec in results:
         if hf and spec not in hf:
             ratio = results[spec]["median_tokens_per_s"] / results[hf[0]]["median_tokens_per_s"]
             cpu_ratio = results[spec]["median_tokens_per_cpu_s"] / results[hf[0]]["median_tokens_per_cpu_s"]
-            report.setdefault("ratios", {})[f"{spec} / {hf[0]}"] = {"wall": round(ratio, 2), "cpu": round(cpu_ratio, 2)}
+            out.setdefault("ratios", {})[f"{spec} / {hf[0]}"] = {"wall": round(ratio, 2), "cpu": round(cpu_ratio, 2)}
             print(f"{spec} / {hf[0]}: {ratio:.2f}x tokens/s, {cpu_ratio:.2f}x tokens/CPU-s")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as out:
-        json.dump(report, out, indent=2)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    from recalign import io
+    from recalign.llm import resolve_model
+
+    model_path = resolve_model(args.model, args.models_dir)
+    prompts = build_prompts(args.data_dir, model_path, args.users, args.seed)
+    specs = [parse_engine(s) for s in (args.engine or ["vllm", "hf"])]
+    batch_users = {spec: kwargs.pop("batch_users", args.batch_users) for spec, kwargs in specs}
+    # Engines take turns on units of the largest batch size; each splits a unit into its own batches.
+    unit = max(batch_users.values())
+    batches = [prompts[i:i + unit] for i in range(0, len(prompts), unit)]
+    params = count_params(model_path)
+    # Measured again after every round: on a shared machine the best measurement is the CPU's rate.
+    gflops = {t: [round(matmul_gflops(t), 1)] for t in sorted({1, args.threads})}
+    print(f"model {model_path}: {params / 1e6:.1f}M params; fp32 matmul {gflops} GFLOP/s by threads", flush=True)
+    workers = start_workers(specs, model_path, args)
+    runs = run_rounds(workers, batches, batch_users, args, gflops)
+    for proc, conn, _, _ in workers.values():
+        conn.send(None)
+        proc.join(timeout=60)
+    io.write_json(report(workers, runs, batch_users, gflops, params, model_path, args), args.out)
     print(f"wrote {args.out}")
 
 

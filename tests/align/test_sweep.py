@@ -196,6 +196,7 @@ def test_write_results_with_no_finished_trial_is_an_error(tmp_path):
     assert (tmp_path / "results.md").exists() and not (tmp_path / "best.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_again(ray_local, tiny_llama_dir,
                                                                                        sweep_inputs, tmp_path):

@@ -45,15 +45,26 @@ def build_tables(raw: RawData, cfg: ProtocolConfig) -> tuple[dict[str, pa.Table]
     plus counts for the dataset's metadata."""
     items = raw.items.sort_values("item_id", key=_natural_key, kind="stable").reset_index(drop=True)
     items.insert(0, "item_idx", np.arange(1, len(items) + 1, dtype=np.int32))  # 0 is padding
-    item_idx = dict(zip(items["item_id"], items["item_idx"]))
+    inter, users, dropped_users = _chronological(raw, dict(zip(items["item_id"], items["item_idx"])), cfg)
+    user_rows, example_rows = [], []
+    for uidx, group in inter.groupby("user_idx", sort=True):
+        user, examples = _user_rows(raw.name, int(uidx), group, len(items), cfg)
+        user_rows.append(user)
+        example_rows += examples
+    tables = {"items": _items_table(items), "interactions": _interactions_table(inter),
+              "users": _rows_table(user_rows, USER_COLUMNS), "examples": _rows_table(example_rows, EXAMPLE_COLUMNS)}
+    return tables, {"dropped_users": dropped_users, "num_users": len(users), "num_items": len(items),
+                    "num_interactions": len(inter)}
 
+
+def _chronological(raw: RawData, item_idx: dict, cfg: ProtocolConfig) -> tuple[pd.DataFrame, pd.Index, int]:
+    """Interactions with item and user indices, users with too few dropped, sorted by user then time."""
     inter = raw.interactions.copy()
     inter["item_idx"] = inter["item_id"].map(item_idx).astype(np.int32)
     # Stable sort keeps file order for equal timestamps, so ties resolve the same way every run.
     inter = inter.sort_values(["user_id", "timestamp"], key=_natural_key, kind="stable")
     counts = inter.groupby("user_id", sort=False).size()
     kept = counts[counts >= cfg.min_interactions].index
-    dropped_users = int((counts < cfg.min_interactions).sum())
     inter = inter[inter["user_id"].isin(kept)]
     if inter.empty:
         raise DataError(f"{raw.name}: no user has >= {cfg.min_interactions} interactions")
@@ -61,54 +72,49 @@ def build_tables(raw: RawData, cfg: ProtocolConfig) -> tuple[dict[str, pa.Table]
     user_idx = {u: i for i, u in enumerate(users)}
     inter["user_idx"] = inter["user_id"].map(user_idx).astype(np.int32)
     inter = inter.sort_values(["user_idx"], kind="stable").reset_index(drop=True)
+    return inter, users, int((counts < cfg.min_interactions).sum())
 
-    num_items = len(items)
-    user_rows, example_rows = [], []
-    for uidx, group in inter.groupby("user_idx", sort=True):
-        seq = group["item_idx"].to_numpy(np.int32)
-        ratings = group["rating"].to_numpy(np.float32)
-        seen = set(seq.tolist())
-        if num_items - len(seen) < cfg.num_candidates - 1:
-            raise DataError(f"{raw.name}: user {group['user_id'].iloc[0]!r} has interacted with too many items "
-                            f"to draw {cfg.num_candidates - 1} negatives from {num_items}")
-        user_id = group["user_id"].iloc[0]
-        user_rows.append((uidx, user_id, seq[:-2], ratings[:-2], len(seq)))
-        for split_code, split in enumerate(SPLITS):
-            pos = len(seq) - 3 + split_code  # train: -3, valid: -2, test: -1
-            start = max(0, pos - cfg.history_len)
-            rng = np.random.default_rng([cfg.seed, int(uidx), split_code])
-            candidates, target_index = _candidates(rng, int(seq[pos]), seen, num_items, cfg.num_candidates)
-            example_rows.append((uidx, user_id, split, seq[start:pos], ratings[start:pos], int(seq[pos]),
-                                 candidates, target_index))
 
-    return {
-        "items": _items_table(items),
-        "interactions": pa.table({
-            "user_idx": pa.array(inter["user_idx"], pa.int32()),
-            "user_id": pa.array(inter["user_id"], pa.string()),
-            "item_idx": pa.array(inter["item_idx"], pa.int32()),
-            "timestamp": pa.array(inter["timestamp"], pa.int64()),
-            "rating": pa.array(inter["rating"], pa.float32(), from_pandas=True),
-        }),
-        "users": pa.table({
-            "user_idx": pa.array([r[0] for r in user_rows], pa.int32()),
-            "user_id": pa.array([r[1] for r in user_rows], pa.string()),
-            "train_items": pa.array([r[2] for r in user_rows], pa.list_(pa.int32())),
-            "train_ratings": pa.array([r[3] for r in user_rows], pa.list_(pa.float32()), from_pandas=True),
-            "num_interactions": pa.array([r[4] for r in user_rows], pa.int32()),
-        }),
-        "examples": pa.table({
-            "user_idx": pa.array([r[0] for r in example_rows], pa.int32()),
-            "user_id": pa.array([r[1] for r in example_rows], pa.string()),
-            "split": pa.array([r[2] for r in example_rows], pa.string()),
-            "history": pa.array([r[3] for r in example_rows], pa.list_(pa.int32())),
-            "history_ratings": pa.array([r[4] for r in example_rows], pa.list_(pa.float32()), from_pandas=True),
-            "target": pa.array([r[5] for r in example_rows], pa.int32()),
-            "candidates": pa.array([r[6] for r in example_rows], pa.list_(pa.int32())),
-            "target_index": pa.array([r[7] for r in example_rows], pa.int32()),
-        }),
-    }, {"dropped_users": dropped_users, "num_users": len(users), "num_items": num_items,
-        "num_interactions": len(inter)}
+def _user_rows(name: str, uidx: int, group: pd.DataFrame, num_items: int, cfg: ProtocolConfig) -> tuple[tuple, list]:
+    """One user's row of the users table and their example rows (train, valid, test)."""
+    seq = group["item_idx"].to_numpy(np.int32)
+    ratings = group["rating"].to_numpy(np.float32)
+    seen = set(seq.tolist())
+    user_id = group["user_id"].iloc[0]
+    if num_items - len(seen) < cfg.num_candidates - 1:
+        raise DataError(f"{name}: user {user_id!r} has interacted with too many items "
+                        f"to draw {cfg.num_candidates - 1} negatives from {num_items}")
+    examples = []
+    for split_code, split in enumerate(SPLITS):
+        pos = len(seq) - 3 + split_code  # train: -3, valid: -2, test: -1
+        start = max(0, pos - cfg.history_len)
+        rng = np.random.default_rng([cfg.seed, uidx, split_code])
+        candidates, target_index = _candidates(rng, int(seq[pos]), seen, num_items, cfg.num_candidates)
+        examples.append((uidx, user_id, split, seq[start:pos], ratings[start:pos], int(seq[pos]), candidates,
+                         target_index))
+    return (uidx, user_id, seq[:-2], ratings[:-2], len(seq)), examples
+
+
+USER_COLUMNS = {"user_idx": pa.int32(), "user_id": pa.string(), "train_items": pa.list_(pa.int32()),
+                "train_ratings": pa.list_(pa.float32()), "num_interactions": pa.int32()}
+EXAMPLE_COLUMNS = {"user_idx": pa.int32(), "user_id": pa.string(), "split": pa.string(),
+                   "history": pa.list_(pa.int32()), "history_ratings": pa.list_(pa.float32()), "target": pa.int32(),
+                   "candidates": pa.list_(pa.int32()), "target_index": pa.int32()}
+
+
+def _rows_table(rows: list[tuple], columns: dict[str, pa.DataType]) -> pa.Table:
+    return pa.table({name: pa.array([r[i] for r in rows], kind, from_pandas=True)
+                     for i, (name, kind) in enumerate(columns.items())})
+
+
+def _interactions_table(inter: pd.DataFrame) -> pa.Table:
+    return pa.table({
+        "user_idx": pa.array(inter["user_idx"], pa.int32()),
+        "user_id": pa.array(inter["user_id"], pa.string()),
+        "item_idx": pa.array(inter["item_idx"], pa.int32()),
+        "timestamp": pa.array(inter["timestamp"], pa.int64()),
+        "rating": pa.array(inter["rating"], pa.float32(), from_pandas=True),
+    })
 
 
 def _candidates(rng: np.random.Generator, target: int, seen: set[int], num_items: int,

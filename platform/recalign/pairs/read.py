@@ -1,14 +1,9 @@
-"""Preference pairs: read and check `pairs/<path>.parquet`, or build heuristic ones from the data.
+"""Preference pairs as the trainer reads them: `pairs/<path>.parquet` files, checked row by row.
 
-Schema (`recalign.pairs.PAIRS_SCHEMA`): user_idx int32, path string, prompt string (chat-rendered, ends with the
-assistant header), chosen string (no EOS), rejected list<string> (K completions, most-rejected
-first), chosen_reward float64 (nullable), rejected_rewards list<float64> (nullable).
-
-`heuristic_pairs` writes files of that schema without the reward stage, for tests, the benchmark
-and smoke runs: rerank pairs are the S-DPO construction (chosen = the answer naming the user's true
-next item, rejected = answers naming other candidates); knowledge pairs contrast a preference
-summary built from the user's most-watched genres and era with ones built from genres the user
-rarely watches. They are training signal of a kind, not the recommender-feedback pairs of RLRF4Rec.
+Schema (`recalign.pairs.build.PAIRS_SCHEMA`): user_idx int32, path string, prompt string (chat-rendered,
+ends with the assistant header), chosen string (no EOS), rejected list<string> (K completions,
+most-rejected first), chosen_reward float64 (nullable), rejected_rewards list<float64> (nullable).
+Heuristic pairs for runs without the reward stage are `recalign.pairs.heuristic`'s.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-"""RLRF4Rec stages 2-4: text encoder (encoder), reward computation (rewards), KA vs SASRec on validation
-(validation) and the stage functions over a run dir (stages). The model lives in recsys/ka_sasrec.py,
-its Ray Train loop in recsys/ka_train.py, the preference pairs in pairs/build.py."""
+"""RLRF4Rec stages 2-3: the text encoder (encoder), the rewards of each analysis (rewards), KA-SASRec against
+its controls on validation (validation) and the embeddings, reward_model and rewards stages (stage). The model
+and its training are in recalign.recsys, the pairs built from the rewards in recalign.pairs."""
