@@ -21,6 +21,7 @@ from recalign import io, metrics
 from recalign.align.config import AlignConfig, SweepConfig
 from recalign.llm.policy import load_policy
 from recalign.rerank.scorer import LetterScorer, RerankConfig
+from recalign.runs import Log
 
 METRIC = "valid_ndcg@10"
 
@@ -113,7 +114,7 @@ def _rungs_done(checkpoint) -> int:
         return int(io.read_json(io.join(ckpt_dir, "rung.json"))["rung"])
 
 
-def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Callable[[str], None] = print):
+def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Log = print):
     """Run (or, when `storage_path/name` holds an interrupted sweep, continue) the Tune sweep.
 
     A continued sweep keeps its finished trials, resumes the errored and unfinished ones from their

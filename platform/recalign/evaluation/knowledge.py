@@ -21,10 +21,8 @@ import pyarrow as pa
 from recalign import io
 from recalign.config import option
 from recalign.prompts import PromptConfig
+from recalign.runs import Log, slug
 from recalign.sampling.engines import Engine, EngineConfig, make_engine
-
-Log = Callable[[str], None]
-
 
 @dataclass
 class KnowledgeGenConfig:
@@ -159,7 +157,7 @@ def knowledge_vectors(answers: dict[str, list[str]], users: np.ndarray, num_user
     for name in names:
         io.write_parquet(pa.table({"user_idx": pa.array(users, pa.int32()),
                                    "response": pa.array(answers[name], pa.string())}),
-                         io.join(out_dir, name.replace(" ", "_").replace("+", "-") + ".parquet"))
+                         io.join(out_dir, slug(name) + ".parquet"))
     # sample_idx = the policy's position, so the knowledge table's N axis holds the policies.
     table = pa.table({"user_idx": pa.array(np.tile(users, len(names)), pa.int32()),
                       "sample_idx": pa.array(np.repeat(np.arange(len(names)), len(users)), pa.int32()),
