@@ -73,6 +73,9 @@ class PipelineJob:
     pairs: PairsConfig = option(factory=PairsConfig, help="K negatives, margin, hard/random negatives")
     policies: PoliciesConfig = option(factory=PoliciesConfig, help="which policies, LoRA and training")
     eval: FinalEvalConfig = option(factory=FinalEvalConfig, help="test-split evaluation of every system")
+    seed: int = option(0, "run seed, added to every seed of what is learned or sampled (sasrec_train, sample, "
+                          "ka_train, policies): seed=1, 2 redraw the models and analyses on the same protocol, "
+                          "user subsets and test users, which shows the spread a rerun has")
     stages: list[str] = option(factory=lambda: list(STAGES), help="stages to run, in pipeline order")
     force: list[str] = option(factory=list, help="stages to rerun even if up to date")
 
@@ -96,7 +99,21 @@ def parse(argv: list[str] | None) -> PipelineJob:
     # prompt from samples/, the re-rank prompt from pairs/), as the standalone jobs do.
     cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
     cfg.pairs = dataclasses.replace(cfg.pairs, model=cfg.model, models_dir=cfg.models_dir)
+    if cfg.seed:
+        cfg = with_run_seed(cfg)
     return cfg
+
+
+def with_run_seed(cfg: PipelineJob) -> PipelineJob:
+    """cfg with `seed` added to the seeds of every learned or sampled part; the protocol (candidates), the
+    user subsets, the bootstrap and the evaluation subset keep theirs, so seeds compare on the same rows."""
+    def shifted(part):
+        return dataclasses.replace(part, seed=part.seed + cfg.seed)
+
+    policies = dataclasses.replace(cfg.policies, rerank=shifted(cfg.policies.rerank),
+                                   knowledge=shifted(cfg.policies.knowledge))
+    return dataclasses.replace(cfg, sasrec_train=shifted(cfg.sasrec_train), sample=shifted(cfg.sample),
+                               ka_train=shifted(cfg.ka_train), policies=policies)
 
 
 def run_stages(cfg: PipelineJob, log) -> dict:

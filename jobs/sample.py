@@ -1,4 +1,5 @@
-"""Sample N preference analyses per user (RLRF4Rec stage 1) into runs/<name>/samples/.
+"""Sample preference analyses (RLRF4Rec stage 1) into runs/<name>/samples/<split>/: N per user of the
+`train` history (rewarded), and the `cutoff` analyses the reward model is trained on.
 
     python jobs/sample.py [jobs/configs/sample.yaml] [sample.num_users=32 sample.num_samples=4 ...]
 
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 from launch import RayConfig, parse_args, ray_session
 
 from recalign.config import option
-from recalign.data.dataset import DataConfig, prepare
+from recalign.data.dataset import DataConfig
+from recalign.data.stage import prepare_stage
 from recalign.runs import RunSpec
 from recalign.sampling.config import SampleConfig
-from recalign.sampling.pipeline import run_sampling
+from recalign.sampling.stage import sample_stage
 
 
 @dataclass
@@ -29,10 +31,10 @@ class SampleJob:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(SampleJob, argv)
-    data_dir = cfg.run.dir("data")
-    prepare(cfg.data, data_dir)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    prepare_stage(cfg.run, cfg.data, log)
     with ray_session(cfg.ray):
-        return run_sampling(cfg.sample, data_dir, cfg.run.dir("samples"), log=lambda msg: print(msg, flush=True))
+        return sample_stage(cfg.run, cfg.sample, log)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = {}
     with ray_session(cfg.ray):
         for loss_type in loss_types:
-            align = dataclasses.replace(cfg.align, loss_type=loss_type)
+            # DPO is best vs worst (K=1), as in RLRF4Rec; the K-negative losses keep align.num_negatives.
+            k = 1 if loss_type == "dpo" else cfg.align.num_negatives
+            align = dataclasses.replace(cfg.align, loss_type=loss_type, num_negatives=k)
             summaries[loss_type] = policy_stage(cfg.run, align, model_path, uris, force=cfg.force)
     print("\n| loss | K | steps | loss (last) | reward acc | margin | tokens/s |\n|---|---|---|---|---|---|---|")
     for loss_type, s in summaries.items():

@@ -3,6 +3,7 @@
 import math
 
 import pandas as pd
+import pytest
 
 from recalign import prompts
 
@@ -33,16 +34,22 @@ def test_rerank_prompt_letters_and_answer():
     assert "Here are 3 candidate movies, labelled A to C:" in user
     assert "A. Heat\nB. Copycat (1995)\nC. The Usual Suspects (1995)" in user
     assert "rated" not in user and "the 2 movies" in user
-    assert prompts.rerank_answer(_items(), [3, 4, 1], 2) == "C. The Usual Suspects (1995)"
+    assert prompts.rerank_answer(2) == "C", "the answer is the letter the re-ranker scores, nothing after it"
 
 
-def test_parse_letter():
-    assert prompts.parse_letter("C. The Usual Suspects", 3) == 2
-    assert prompts.parse_letter(" b) Heat", 3) == 1
-    assert prompts.parse_letter("**A**", 3) == 0
-    assert prompts.parse_letter("D. Something", 3) is None  # out of range
-    assert prompts.parse_letter("Apollo 13", 3) is None  # a word, not a letter
-    assert prompts.parse_letter("", 3) is None
+@pytest.mark.parametrize("answer, letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), ("**B**", "B"), ("B) Title", "B"), ("Answer: B", "B"), ("[B]", "B"),
+    ("C. The Usual Suspects", "C"), (" b) Heat", "B"), ("B\nThe Matrix", "B"), ("B: Heat", "B"),
+    ("The answer is B", "B"), ("**B.** Heat", "B"), ("B - Heat", "B"),
+])
+def test_parse_letter_reads_what_a_model_writes(answer, letter):
+    assert prompts.parse_letter(answer, 20) == prompts.LETTERS.index(letter)
+
+
+@pytest.mark.parametrize("answer", ["I would pick B", "a great choice is C", "B and C", "Apollo 13", "", "AB", "BB",
+                                    "A great movie", "a", "C is the one", "B C", "D. Something"])
+def test_parse_letter_rejects_answers_that_name_no_single_candidate(answer):
+    assert prompts.parse_letter(answer, 3) is None
 
 
 def test_render_uses_chat_template(tiny_llama_dir):

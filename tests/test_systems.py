@@ -11,7 +11,8 @@ def _split(target_index):
     n = len(target_index)
     return SplitArrays(user_idx=np.arange(n), history=np.zeros((n, 2), dtype=np.int64),
                        history_ratings=np.full((n, 2), np.nan, dtype=np.float32), target=np.arange(n) + 1,
-                       candidates=np.tile(np.arange(1, 4), (n, 1)), target_index=np.asarray(target_index))
+                       candidates=np.tile(np.arange(1, 4), (n, 1)), target_index=np.asarray(target_index),
+                       position=np.zeros(n, dtype=np.int64))
 
 
 def test_evaluate_by_hand_with_paired_differences_to_the_reference():

@@ -105,9 +105,9 @@ def rerank_messages(items: pd.DataFrame, history: Sequence[int], ratings: Sequen
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def rerank_answer(items: pd.DataFrame, candidates: Sequence[int], position: int) -> str:
-    """The completion naming candidate `position`: 'C. Title (1995)'."""
-    return f"{LETTERS[position]}. {describe_item(items, candidates[position], show_genres=False)}"
+def rerank_answer(position: int) -> str:
+    """The completion naming candidate `position`: its letter alone ('C'), the token the re-ranker scores."""
+    return LETTERS[position]
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> str:
@@ -115,17 +115,27 @@ def render(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def parse_letter(answer: str, num_candidates: int) -> int | None:
-    """The candidate named by a free-form answer, or None when it names none or several.
+# A free answer names a candidate when it is that letter alone, perhaps wrapped ("(B)", "**B**", "[B]"), after an
+# "Answer:" lead, followed by nothing or by punctuation and a title ("B.", "B) Title", "B: Title", "B - Title").
+# Anything else ("I would pick B", "a great choice is C", "B and C", "Apollo 13") names no candidate. A lowercase
+# letter counts only when punctuation or a wrapper marks it as a label ("b)", "(b)"): a bare "a" is a word.
+_ANSWER = re.compile(r"""^\s*(?P<lead>(?:the\s+)?answer\s*(?:is)?\s*[:\-]?\s*)?
+                      (?P<open>[*_\s]*[(\[]?[*_]*)(?P<letter>[A-Z])(?P<close>[*_]*[)\]]?[*_]*)
+                      (?P<end>\s*$|[ \t]*\n|\s*[.):,;]|\s+[-\u2013\u2014]\s)""", re.IGNORECASE | re.VERBOSE)
 
-    Valid answers start with one letter in range, optionally followed by '.', ')' or ':'.
+
+def parse_letter(answer: str, num_candidates: int) -> int | None:
+    """The candidate a free-form answer names, or None when it names none, several, or one out of range.
+
+    ValidRatio counts the answers that name exactly one candidate (S-DPO, LLaRA), so a sentence that merely
+    contains a letter is not an answer.
     """
-    text = answer.strip().lstrip("*(\"' ")
-    if not text:
+    match = _ANSWER.match(answer)
+    if not match:
         return None
-    first = text[0].upper()
-    if first not in LETTERS[:num_candidates]:
+    letter = match["letter"]
+    marked = match["lead"] or match["open"].strip() or match["close"] or match["end"].strip()
+    if not letter.isupper() and not marked:
         return None
-    if len(text) > 1 and text[1].isalnum():
-        return None  # "Apollo 13" is a title, not the letter A
-    return LETTERS.index(first)
+    position = LETTERS.index(letter.upper())
+    return position if position < num_candidates else None

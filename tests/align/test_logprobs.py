@@ -52,6 +52,10 @@ def test_encode_appends_eos_and_truncates(tokenizer):
     short = encode_example(tokenizer, PROMPTS[0], ["Genres: Action, Adventure, Animation, Comedy"], 5, 3)
     assert short.prompt_ids == example.prompt_ids[-5:], "long prompts keep their end (the assistant header)"
     assert len(short.completion_ids[0]) == 3 and short.completion_ids[0][-1] != eos
+    letter = encode_example(tokenizer, PROMPTS[0], ["C"], 512, 64, add_eos=False)
+    assert letter.completion_ids == [tokenizer("C", add_special_tokens=False)["input_ids"]], "a letter takes no EOS"
+    with pytest.raises(ValueError, match="encodes to no token"):
+        encode_example(tokenizer, PROMPTS[0], [""], 512, 64, add_eos=False)
 
 
 def test_collate_pads_prompts_left_and_completions_right():
@@ -63,6 +67,12 @@ def test_collate_pads_prompts_left_and_completions_right():
     assert b.completion_mask.sum().item() == 7
     assert b.sequence_tokens() == 2 * 3 + 2 * 1 + 7
     assert collate(examples, 0, num_completions=1).completion_ids.shape == (2, 1, 2)
+    assert b.present().tolist() == [[True, True], [True, True]]
+    # Up to K: a row with fewer rejected completions is padded with empty ones, which present() reports.
+    uneven = collate([EncodedExample([5], [[1], [2], [3]]), EncodedExample([6], [[4], [5]])], 0)
+    assert uneven.completion_ids.shape == (2, 3, 1) and uneven.present().tolist() == [[True] * 3, [True, True, False]]
+    assert collate([EncodedExample([5], [[1]])], 0, num_completions=4).present().tolist() == [[True, False, False,
+                                                                                                 False]]
 
 
 def _unpadded_logps(model, example: EncodedExample) -> list[float]:

@@ -37,7 +37,7 @@ def test_plan_learning_rate_warms_up_in_each_phase():
     assert [plan.learning_rate(s, cfg) for s in range(5)] == pytest.approx([1e-4, 2e-4, 5e-5, 1e-4, 1e-4])
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "dmpo", "sdpo"])
+@pytest.mark.parametrize("loss_type", ["dpo_pairwise_mean", "dmpo", "sdpo"])
 def test_train_step_changes_every_lora_weight_and_no_frozen_weight(loss_type, pairs_uris, tiny_llama_dir):
     from transformers import AutoTokenizer
 

@@ -34,12 +34,12 @@ def test_grid_space_is_every_combination():
 
 
 def test_random_space_is_seeded_and_within_bounds():
-    cfg = SweepConfig(search="random", loss_types=["dpo", "sdpo"], num_negatives=[1, 3], beta_range=[0.05, 2.0],
+    cfg = SweepConfig(search="random", loss_types=["dmpo", "sdpo"], num_negatives=[1, 3], beta_range=[0.05, 2.0],
                       num_samples=12, seed=3)
     first, again = draw_trials(cfg), draw_trials(cfg)
     assert len(first) == 12 and first == again
     assert draw_trials(dataclasses.replace(cfg, seed=4)) != first
-    assert {c["loss_type"] for c in first} <= {"dpo", "sdpo"} and {c["num_negatives"] for c in first} <= {1, 3}
+    assert {c["loss_type"] for c in first} <= {"dmpo", "sdpo"} and {c["num_negatives"] for c in first} <= {1, 3}
     betas = np.array([c["beta"] for c in first])
     assert (betas >= 0.05).all() and (betas <= 2.0).all() and len(set(betas)) == 12
 
@@ -162,6 +162,7 @@ class FallingScore:
         return {METRIC: 1.0 / calls, "valid_hr@1": 0.0, "valid_mrr": 0.0}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_asha_stops_trials_below_the_rung_cutoff(ray_local, tiny_llama_dir, sweep_inputs, tmp_path):
     """Three trials one at a time, two rungs, grace 1, reduction factor 2. The first trial scores 1 at

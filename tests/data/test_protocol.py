@@ -4,14 +4,14 @@ import numpy as np
 
 from recalign.data import loaders
 from recalign.data.dataset import Dataset
-from recalign.data.protocol import ProtocolConfig, build_tables, retrieval_candidates
+from recalign.data.protocol import SPLITS, ProtocolConfig, build_tables, example_position, retrieval_candidates
 from tests.helpers.data import table_source, toy_tables
 
 
 def test_protocol_leave_one_out_and_candidates(tmp_path):
     inter, items = toy_tables(num_users=6, per_user=9)
     raw = loaders.load_table(*table_source(tmp_path, inter, items))
-    cfg = ProtocolConfig(history_len=4, num_candidates=10, min_interactions=5, seed=3)
+    cfg = ProtocolConfig(history_len=4, num_candidates=10, min_interactions=5, seed=3, knowledge_horizon=2)
     tables, stats = build_tables(raw, cfg)
     ex = tables["examples"].to_pandas()
     inter_t = tables["interactions"].to_pandas()
@@ -26,7 +26,12 @@ def test_protocol_leave_one_out_and_candidates(tmp_path):
         assert list(rows.loc["test", "history"]) == seq[-5:-1]
         assert list(rows.loc["train", "history"]) == seq[-7:-3]
         assert list(users.set_index("user_idx").loc[uidx, "train_items"]) == seq[:-2]
-        for split in ("train", "valid", "test"):
+        # the cut-off: 2 items (knowledge_horizon) before the train target, the H items before it as history
+        assert rows.loc["cutoff", "target"] == seq[-5] and list(rows.loc["cutoff", "history"]) == seq[-9:-5]
+        n = len(seq)
+        assert {s: rows.loc[s, "position"] for s in SPLITS} == {"train": n - 3, "valid": n - 2, "test": n - 1,
+                                                               "cutoff": n - 5}
+        for split in SPLITS:
             cands = list(rows.loc[split, "candidates"])
             assert len(cands) == 10 and len(set(cands)) == 10
             assert cands[rows.loc[split, "target_index"]] == rows.loc[split, "target"]
@@ -69,3 +74,9 @@ def test_retrieval_candidates_mode():
     cands, target_index = retrieval_candidates(scores, [np.array([1]), np.array([])], np.array([4, 4]), 3)
     assert cands.tolist() == [[2, 3, 5], [5, 4, 3]]  # history item 1 excluded, padding never a candidate
     assert target_index.tolist() == [-1, 1]
+
+
+def test_the_cut_off_keeps_a_history_for_short_users():
+    assert example_position(20, "cutoff", 5) == 12 and example_position(20, "train", 5) == 17
+    assert example_position(6, "cutoff", 5) == 1, "at least one history item before the cut-off"
+    assert [example_position(6, s, 1) for s in ("train", "valid", "test", "cutoff")] == [3, 4, 5, 2]

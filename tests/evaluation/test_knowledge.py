@@ -9,6 +9,7 @@ import pytest
 
 from recalign.evaluation.knowledge import KnowledgeGenConfig, generate_analyses, knowledge_prompts, knowledge_vectors
 from recalign.prompts import PromptConfig
+from recalign.reward.encoder import EncoderConfig
 from recalign.sampling.engines import EngineConfig
 from tests.helpers import fakes
 
@@ -45,7 +46,7 @@ def test_every_policy_answers_every_prompt_in_one_pass(ray_local, fakes_by_value
     assert logs and logs[-1].startswith("[knowledge] 21/21 analyses (base, dpo, sdpo)")
 
     users = np.array([5, 2, 9, 0, 7, 1, 3])
-    vectors = knowledge_vectors(answers, users, 12, str(tmp_path / "knowledge"))
+    vectors = knowledge_vectors(answers, users, 12, str(tmp_path / "knowledge"), EncoderConfig())
     assert set(vectors) == set(adapters)
     for name, (vec, present) in vectors.items():
         assert vec.shape == (7, 384) and present.all()

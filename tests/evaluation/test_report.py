@@ -13,7 +13,8 @@ from recalign.systems import EvalConfig, evaluate
 def _result():
     split = SplitArrays(user_idx=np.arange(3), history=np.zeros((3, 1), dtype=np.int64),
                         history_ratings=np.zeros((3, 1), dtype=np.float32), target=np.ones(3, dtype=np.int64),
-                        candidates=np.tile(np.arange(1, 5), (3, 1)), target_index=np.array([0, 1, 2]))
+                        candidates=np.tile(np.arange(1, 5), (3, 1)), target_index=np.array([0, 1, 2]),
+                        position=np.zeros(3, dtype=np.int64))
     scores = {"sasrec": np.eye(4)[[0, 1, 2]], "llm sft": np.eye(4)[[3, 1, 0]]}
     result = evaluate(scores, split, EvalConfig(metrics=("hr@1", "ndcg@10"), num_resamples=50))
     result["systems"]["llm sft"]["free_generation"] = {"valid_ratio": 0.5, "hr@1_all_rows": 0.25,

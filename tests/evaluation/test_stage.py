@@ -4,16 +4,17 @@ results, reports and per-system caches on a tiny run."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from recalign import io
+from recalign.config import to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.evaluation.stage import discover_policies, evaluate_run, llm_rows
 from recalign.recsys.sasrec import SASRec, SASRecConfig
 from recalign.recsys.train import SASRecJobSpec, SeqTrainConfig, save_model
 from recalign.runs import run_stage
-from recalign.sampling.pipeline import select_users
 from recalign.systems import EvalConfig
 from tests.helpers.data import tiny_run
 
@@ -48,12 +49,18 @@ def test_discover_policies_finds_finished_adapters_in_loss_order(tmp_path):
     assert [p.name for p in knowledge] == ["base", "dmpo"]
 
 
-def test_llm_rows_are_the_sampling_stages_seeded_users(tmp_path):
+def test_llm_rows_are_seeded_users_whose_analyses_trained_nothing(tmp_path):
     data = Dataset(tiny_run(tmp_path).dir("data"))
-    rows = llm_rows(data, "test", num_users=5, seed=3)
+    sampled = {0, 1, 2, 3, 7}
+    rows = llm_rows(data, "test", num_users=5, seed=3, exclude=sampled)
     users = data.examples("test")["user_idx"].to_numpy()[rows]
-    assert sorted(users.tolist()) == select_users(data.examples("test"), 5, 3)["user_idx"].to_pylist()
+    assert len(users) == 5 and not set(users.tolist()) & sampled
+    assert np.array_equal(rows, llm_rows(data, "test", 5, 3, sampled)), "seeded"
     assert len(llm_rows(data, "test", 0, 0)) == data.num_users
+    assert len(llm_rows(data, "test", 0, 0, sampled)) == data.num_users - 5
+    assert len(llm_rows(data, "test", 100, 0, sampled)) == data.num_users - 5, "at most the users left"
+    with pytest.raises(ValueError, match="no test user is left"):
+        llm_rows(data, "test", 5, 0, set(range(data.num_users)))
 
 
 def test_baselines_are_reported_and_cached_per_system(tmp_path):
@@ -83,3 +90,50 @@ def test_baselines_are_reported_and_cached_per_system(tmp_path):
     per_row = io.read_json(run.dir("eval", "systems", "random.json"))
     assert per_row["rows"] == list(range(24)) and len(per_row["metrics"]["ndcg@10"]) == 24
     assert np.isfinite(per_row["metrics"]["mrr"]).all()
+
+
+def test_llm_results_are_keyed_on_the_model_and_the_encoder(tmp_path, tiny_llama_dir):
+    """Every cached LLM-based result changes key when the base model or the run's encoder changes, and the
+    baselines' do not: a stale zero-shot or knowledge row cannot survive a new model or encoder."""
+    import shutil
+
+    from recalign.evaluation.stage import NO_KNOWLEDGE, Policy, llm_system_keys
+    from recalign.prompts import PromptConfig
+    from recalign.reward.encoder import EncoderConfig
+
+    run = tiny_run(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_llama_dir, encoder)  # any folder with a config.json stands in for the encoder
+    io.write_json({"key": {"prompt": to_dict(PromptConfig())}}, run.dir("samples", "train", "config.json"))
+    run_stage("reward_model", run.dir("reward_model"), "rm", lambda: {}, lambda _: None)
+    cfg = FinalEvalConfig(eval=EvalConfig(num_resamples=50), llm_users=4)
+    rerank = [Policy("llm zero-shot", None), Policy("llm sft", "/adapters/sft", "sft-key")]
+    knowledge = [Policy("base", None), Policy("dpo", "/adapters/dpo", "dpo-key")]
+    sub = np.arange(4)
+
+    def keys(encoder_cfg: EncoderConfig) -> dict[str, str]:
+        io.write_json(to_dict(encoder_cfg), run.dir("embeddings", "config.json"))
+        return llm_system_keys(run, cfg, str(model), sub, "base", rerank, knowledge)
+
+    before = keys(EncoderConfig(model_path=str(encoder), max_length=64))
+    assert set(before) == {"llm zero-shot", "llm sft", NO_KNOWLEDGE, "ka-sasrec + base knowledge",
+                           "ka-sasrec + dpo knowledge"}
+    assert keys(EncoderConfig(model_path=str(encoder), max_length=64)) == before, "keys are stable"
+
+    changed_encoder = keys(EncoderConfig(model_path=str(encoder), max_length=32))
+    assert changed_encoder["ka-sasrec + base knowledge"] != before["ka-sasrec + base knowledge"]
+    assert changed_encoder["llm zero-shot"] == before["llm zero-shot"], "the re-ranker reads no analyses"
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.5}))
+    retrained_encoder = keys(EncoderConfig(model_path=str(encoder), max_length=64))
+    assert retrained_encoder["ka-sasrec + dpo knowledge"] != before["ka-sasrec + dpo knowledge"], \
+        "new encoder weights under the same path"
+
+    (model / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
+                                                   "rms_norm_eps": 1e-3}))
+    other_model = keys(EncoderConfig(model_path=str(encoder), max_length=64))
+    for name in ("llm zero-shot", "llm sft", "ka-sasrec + base knowledge", "ka-sasrec + dpo knowledge"):
+        assert other_model[name] != retrained_encoder[name], f"{name}: the model changed"
+    assert other_model[NO_KNOWLEDGE] == retrained_encoder[NO_KNOWLEDGE], "KA-SASRec alone reads no LLM"

@@ -9,32 +9,43 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from recalign.sampling.engines import Completion, PromptResult
 
 
 class FakeEngine:
-    """Completion j of a prompt is 'analysis j of <last history line>'; `drop` completions go missing."""
+    """Completion j of a prompt is 'analysis j of <last history line>'; `drop` completions go missing.
+
+    `noisy`: each completion also carries a draw from the engine's random stream, which runs on across
+    calls until `reseed` restarts it, like a real sampler's generator."""
 
     name = "fake"
 
-    def __init__(self, seed: int = 7, drop: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 7, drop: int = 0, noisy: bool = False):
         self.drop = drop
+        self.noisy = noisy
         self.calls = 0
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
 
     def generate(self, prompts, n, max_new_tokens, temperature, top_p):
         self.calls += 1
         results = []
         for prompt in prompts:
             tag = prompt.split("\n")[-4][:40] if prompt.count("\n") >= 4 else prompt[:40]
-            completions = [Completion(f"analysis {j} of {tag}", 3 + j, "stop" if j % 2 else "length")
+            noise = [f" #{self.rng.integers(10**6)}" if self.noisy else "" for _ in range(n)]
+            completions = [Completion(f"analysis {j} of {tag}{noise[j]}", 3 + j, "stop" if j % 2 else "length")
                            for j in range(n - self.drop)]
             results.append(PromptResult(len(prompt.split()), completions))
         return results
 
 
-def fake_engine(seed: int = 7, drop: int = 0) -> FakeEngine:
-    return FakeEngine(seed, drop)
+def fake_engine(seed: int = 7, drop: int = 0, noisy: bool = False) -> FakeEngine:
+    return FakeEngine(seed, drop, noisy)
 
 
 class _Crashing(FakeEngine):

@@ -77,7 +77,15 @@ def make_samples(data: Dataset, num_samples: int = 3, users: np.ndarray | None =
 
 
 def write_samples(table: pa.Table, samples_dir: str) -> None:
-    """Write a samples table the way the sampling stage does (part files + meta.json)."""
-    users = sorted(set(table["user_idx"].to_pylist()))
-    io.write_parquet(table, io.join(samples_dir, part_name(users)))
-    io.write_json({"num_rows": table.num_rows, "synthetic": True}, io.join(samples_dir, "meta.json"))
+    """Write a samples table the way the sampling stage does: each split's rows under samples_dir/<split>/
+    (part files + meta.json, and the prompt settings in config.json as the real stage pins them)."""
+    import dataclasses
+
+    import pyarrow.compute as pc
+
+    for split in sorted(set(table["split"].to_pylist())):
+        rows = table.filter(pc.equal(table["split"], split))
+        set_dir = io.join(samples_dir, split)
+        io.write_parquet(rows, io.join(set_dir, part_name(sorted(set(rows["user_idx"].to_pylist())))))
+        io.write_json({"key": {"prompt": dataclasses.asdict(PromptConfig())}}, io.join(set_dir, "config.json"))
+        io.write_json({"num_rows": rows.num_rows, "synthetic": True}, io.join(set_dir, "meta.json"))

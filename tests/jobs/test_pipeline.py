@@ -24,6 +24,16 @@ def test_bad_preset_or_stage_is_a_config_error():
         pipeline.parse(["preset=smoke", "stages=[data,allign]"])
 
 
+def test_run_seed_redraws_what_is_learned_or_sampled_on_the_same_rows():
+    base, seeded = pipeline.parse(["preset=demo"]), pipeline.parse(["preset=demo", "seed=2"])
+    for part in ("sasrec_train", "sample", "ka_train"):
+        assert getattr(seeded, part).seed == getattr(base, part).seed + 2, part
+    assert seeded.policies.rerank.seed == base.policies.rerank.seed + 2
+    assert seeded.policies.knowledge.seed == base.policies.knowledge.seed + 2
+    assert seeded.data == base.data, "same protocol and candidates"
+    assert seeded.sample.subset_seed == base.sample.subset_seed and seeded.eval == base.eval, "same users"
+
+
 # The smoke preset, cut further: one loss type, the transformers engine (starts in seconds), no plain
 # control. Every stage still runs for real on Ray.
 FAST = ["policies.loss_types=[sdpo]", "sample.engine.engine=hf", "compare.plain_control=false",
@@ -38,9 +48,12 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     run = root / "smoke"
     assert set(summaries) == set(pipeline.STAGES)
 
-    samples = read_samples(str(run / "samples")).to_pandas()
+    samples = read_samples(str(run / "samples" / "train")).to_pandas()
     assert samples.groupby("user_idx")["sample_idx"].nunique().eq(4).all() and samples["user_idx"].nunique() == 8
-    for rel in ("embeddings/embeddings.parquet", "reward_model/ka/model.pt", "reward_model/comparison.json",
+    cutoff = read_samples(str(run / "samples" / "cutoff")).to_pandas()
+    assert set(cutoff["split"]) == {"cutoff"} and set(cutoff["user_idx"]) == set(samples["user_idx"])
+    for rel in ("embeddings/train.parquet", "embeddings/cutoff.parquet", "reward_model/ka/model.pt",
+                "reward_model/comparison.json",
                 "rewards/rewards.parquet", "pairs/knowledge.parquet", "pairs/rerank.parquet"):
         assert (run / rel).is_file(), rel
     for label in ("knowledge/sdpo", "rerank/sft", "rerank/sft+sdpo"):
@@ -57,7 +70,13 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     assert "vs_reference" in systems["llm sft"]["ndcg@10"]
     assert set(systems["llm zero-shot"]["free_generation"]) == {"valid_ratio", "hr@1_all_rows", "hr@1_valid_rows"}
     assert (run / "eval" / "metrics.png").stat().st_size > 1000 and (run / "eval" / "metrics.md").is_file()
-    assert "llm sft+sdpo (8 of 943 users)" in capsys.readouterr().out, "the results table is printed"
+    assert "llm sft+sdpo (8 of 943 users, none sampled)" in capsys.readouterr().out, "the results table is printed"
+    rows = json.loads((run / "eval" / "systems" / "llm_sft-sdpo.json").read_text())["rows"]
+    test_users = pipeline_test_users(run)
+    assert not {test_users[r] for r in rows} & set(samples["user_idx"]), "LLM systems score users that trained nothing"
+    compared = {(c["system"], c["baseline"]) for c in result["comparisons"]}
+    assert {("llm sft", "llm zero-shot"), ("llm sft+sdpo", "llm sft"),
+            ("ka-sasrec + sdpo knowledge", "ka-sasrec + base knowledge")} <= compared
 
     # Same config again, but a new beta for the re-rank preference policy: only it and its evaluation rerun.
     pipeline.main(args + ["policies.rerank.beta=0.5"])
@@ -68,3 +87,9 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     assert "[policy/rerank/sft+sdpo] running" in out
     assert "[evaluate] llm sft+sdpo: scoring" in out and "[evaluate] llm sft: cached" in out
     assert os.path.isfile(run / "policy" / "rerank" / "sft+sdpo" / "adapter_model.safetensors")
+
+
+def pipeline_test_users(run) -> list[int]:
+    from recalign.data.dataset import Dataset
+
+    return Dataset(str(run / "data")).split("test").user_idx.tolist()

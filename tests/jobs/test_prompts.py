@@ -52,7 +52,7 @@ def test_the_pipeline_and_the_standalone_jobs_write_the_same_prompts(runs):
     for rel in ("pairs/rerank.parquet",):
         a, b = (pq.read_table(run.dir(rel)).to_pydict() for run in (pipe, solo))
         assert a["prompt"] == b["prompt"] and a["chosen"] == b["chosen"] and a["rejected"] == b["rejected"]
-    a, b = (read_samples(run.dir("samples")).to_pydict() for run in (pipe, solo))
+    a, b = (read_samples(run.dir("samples", "train")).to_pydict() for run in (pipe, solo))
     assert a["prompt"] == b["prompt"] and len(set(a["prompt"])) == 3
     assert knowledge_prompt(pipe) == knowledge_prompt(solo) == PromptConfig(max_history=5, show_genres=False)
     assert rerank_prompt(pipe) == rerank_prompt(solo) == PromptConfig(max_history=3, show_genres=False)
@@ -86,6 +86,6 @@ def test_evaluation_the_sweep_and_serve_prompt_as_the_run_was_trained(runs):
                             list(split.candidates[rows[0]]), [])
     assert service.prompt(request) == pairs["prompt"][0]
     # Evaluation's knowledge prompts are the sampling stage's, for the same users and split.
-    samples = read_samples(run.dir("samples")).to_pandas().drop_duplicates("user_idx")
+    samples = read_samples(run.dir("samples", "train")).to_pandas().drop_duplicates("user_idx")
     got = knowledge_prompts(run.dir("data"), "train", samples["user_idx"].to_numpy(), model, knowledge_prompt(run))
     assert got == samples["prompt"].tolist()

@@ -44,10 +44,11 @@ def sentinel_run(tmp_path_factory, ray_local, tiny_llama_dir):
     assert data_dir == run.dir("data")
     data = Dataset(data_dir)
     train_samples = make_samples(data, num_samples=3)
+    cutoff_samples = make_samples(data, num_samples=2, splits=("cutoff",))
     test_samples = make_samples(data, num_samples=3, splits=("test",))
     test_samples = test_samples.set_column(test_samples.schema.get_field_index("response"), "response",
                                            pa.array([f"the user will watch {SENTINEL_TEST}"] * test_samples.num_rows))
-    write_samples(pa.concat_tables([train_samples, test_samples]), run.dir("samples"))
+    write_samples(pa.concat_tables([train_samples, cutoff_samples, test_samples]), run.dir("samples"))
     sasrec_cfg = SASRecConfig(hidden_size=16, num_layers=1, max_len=8)
     save_model(SASRec(data.num_items, sasrec_cfg).state_dict(), SASRecJobSpec(data_dir, sasrec_cfg),
                run.dir("baselines", "sasrec"), {"note": "random init, test baseline"})
@@ -72,15 +73,21 @@ def _sentinels(data: Dataset) -> tuple[int, int]:
 
 def test_reward_job_writes_every_output(sentinel_run):
     run, data, summaries, train_samples = sentinel_run
-    for path in [("embeddings", "embeddings.parquet"), ("reward_model", "ka", "model.pt"),
+    for path in [("embeddings", "train.parquet"), ("embeddings", "cutoff.parquet"), ("embeddings", "config.json"),
+                 ("reward_model", "ka", "model.pt"),
                  ("reward_model", "plain", "model.pt"), ("reward_model", "comparison.json"),
                  ("reward_model", "comparison.md"), ("rewards", "rewards.parquet"), ("rewards", "summary.json"),
                  ("pairs", "knowledge.parquet"), ("pairs", "rerank.parquet"), ("pairs", "summary.json")]:
         assert io.exists(run.dir(*path)), path
     comparison = io.read_json(run.dir("reward_model", "comparison.json"))
-    assert set(comparison["systems"]) == {"ka_sasrec", "ka_sasrec_per_sample", "ka_sasrec_no_knowledge",
-                                          "plain_sasrec", "sasrec_baseline"}
+    assert set(comparison["systems"]) == {"ka_sasrec", "ka_sasrec_per_sample", "ka_sasrec_shuffled",
+                                          "ka_sasrec_no_knowledge", "plain_sasrec", "sasrec_baseline"}
     assert comparison["reference"] == "plain_sasrec"
+    for key in ("train/train", "valid/train", "train/cutoff"):  # own vs shuffled vs none, held-out targets
+        gain = comparison["gain"][key]
+        assert gain["num_users"] == data.num_users and {"own_vs_none", "shuffled_vs_none", "own_vs_shuffled"} <= set(
+            gain["logp"])
+    assert "own vs shuffled" in io.read_text(run.dir("reward_model", "comparison.md"))
     assert summaries["rewards"]["num_rows"] == train_samples.num_rows
     pairs = summaries["pairs"]
     assert pairs["rerank"]["kept"] == data.num_users
@@ -92,8 +99,9 @@ def test_reward_job_writes_every_output(sentinel_run):
 def test_no_test_item_reaches_embeddings_rewards_or_pairs(sentinel_run):
     run, data, _, train_samples = sentinel_run
     test_item, valid_item = _sentinels(data)
-    embeddings = io.read_parquet(run.dir("embeddings", "embeddings.parquet"))
+    embeddings = io.read_parquet(run.dir("embeddings", "train.parquet"))
     assert embeddings.num_rows == train_samples.num_rows  # the test-prompt analyses were never embedded
+    assert not io.exists(run.dir("embeddings", "test.parquet"))
 
     rewards = io.read_parquet(run.dir("rewards", "rewards.parquet")).to_pandas()
     assert not {test_item, valid_item} & set(rewards["target"])
@@ -132,11 +140,11 @@ def test_ka_training_batches_never_contain_test_or_valid_items(sentinel_run, tmp
     probe_dir = str(tmp_path / "probe")
     os.makedirs(probe_dir)
 
-    def probe(inputs, targets, owners):  # runs inside the Ray Train workers
+    def probe(inputs, targets, owners, present):  # runs inside the Ray Train workers
         np.savez(os.path.join(probe_dir, f"{uuid.uuid4().hex}.npz"), inputs=inputs.cpu().numpy(),
-                 targets=targets.cpu().numpy(), owners=owners.cpu().numpy())
+                 targets=targets.cpu().numpy(), owners=owners.cpu().numpy(), present=present.cpu().numpy())
 
-    spec = KAJobSpec(run.dir("data"), run.dir("embeddings", "embeddings.parquet"),
+    spec = KAJobSpec(run.dir("data"), run.dir("embeddings"),
                      SASRecConfig(hidden_size=16, num_layers=1, max_len=8), KAConfig(adaptor_hidden=8),
                      SeqTrainConfig(epochs=1, train_batch_size=16, num_workers=2))
     fit_ka(spec, str(tmp_path / "ka"), str(tmp_path / "ray"), "probe", on_batch=probe)
@@ -154,3 +162,18 @@ def test_ka_training_batches_never_contain_test_or_valid_items(sentinel_run, tmp
     # One epoch over both workers covers every window once (DistributedSampler may repeat one to even out).
     num_windows = len(knowledge_windows(data.train_sequences(), 8)[0])
     assert num_windows <= len(owners) <= num_windows + 1
+    # Knowledge only where it is known: a position reads the cutoff analysis only if its target lies at or after
+    # the cut-off, so never one of the items the analysis's prompt listed (the cutoff example's history).
+    present = np.concatenate([b["present"] for b in batches])
+    assert present.any(), "the cutoff analyses were read somewhere"
+    cutoff = data.split("cutoff")
+    listed = {int(u): set(h[h > 0].tolist()) for u, h in zip(cutoff.user_idx, cutoff.history)}
+    first_after = {int(u): int(t) for u, t in zip(cutoff.user_idx, cutoff.target)}
+    sequences = data.train_sequences()
+    for w in range(len(owners)):
+        user = int(owners[w])
+        read = targets[w][present[w]]
+        assert not set(read.tolist()) & listed[user], f"user {user} read its analysis predicting an item it lists"
+        if len(read):
+            seq = list(sequences[user])
+            assert min(seq.index(int(t)) for t in read) >= seq.index(first_after[user])

@@ -11,6 +11,8 @@ import pytest
 
 from recalign.llm import ModelError, convert_gguf, default_gguf_path, resolve_model
 from recalign.llm.convert import MARKER
+from tests.helpers import REPO
+from tests.helpers.pairs import assert_letters_are_first_completion_tokens
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +99,25 @@ def test_smollm2_conversion_matches_the_gguf_and_speaks_english(tmp_path):
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     answer = model.generate(**ids, do_sample=False, max_new_tokens=20)[0, ids["input_ids"].shape[1]:]
     assert "Paris" in tokenizer.decode(answer, skip_special_tokens=True)
+    assert_letters_are_first_completion_tokens(tokenizer, _rerank_prompt(tokenizer))
+
+
+SMOLLM2 = os.path.join(REPO, "models", "smollm2-135m-instruct")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SMOLLM2, "config.json")),
+                    reason="SmolLM2 not converted here yet (make run converts it; the slow test above always does)")
+def test_smollm2s_letter_is_the_first_completion_token_with_its_chat_template():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    assert_letters_are_first_completion_tokens(tokenizer, _rerank_prompt(tokenizer))
+
+
+def _rerank_prompt(tokenizer) -> str:
+    from recalign.data.loaders import load_ml100k
+    from recalign.prompts import PromptConfig, render, rerank_messages
+
+    items = load_ml100k().items.head(40).assign(item_idx=range(1, 41)).set_index("item_idx")
+    return render(tokenizer, rerank_messages(items, [1, 2, 3], [5.0, 4.0, 3.0], list(range(10, 30)),
+                                             PromptConfig(max_history=10, show_genres=False)))

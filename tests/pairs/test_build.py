@@ -1,4 +1,5 @@
-"""Preference pairs: the shared schema, best vs worst analyses with a margin, rerank negatives."""
+"""Preference pairs: the shared schema, the best analysis against those a margin below it, rerank letters and
+negatives."""
 
 from __future__ import annotations
 
@@ -27,23 +28,30 @@ ROWS = [
     (0, 0, "a0", 0.5), (0, 1, "a1", 0.9), (0, 2, "a2", 0.1), (0, 3, "a3", 0.3),
     (1, 0, "b0", 0.5), (1, 1, "b1", 0.5005), (1, 2, "b2", 0.5), (1, 3, "b3", 0.5001),  # spread 5e-4 < margin
     (2, 0, "same", 0.8), (2, 1, "same", 0.0), (2, 2, "c2", 0.2), (2, 3, "c3", 0.4),  # worst text == chosen text
-    (3, 0, "d0", 0.7), (3, 1, "d1", 0.2),  # only 2 samples
+    (3, 0, "d0", 0.7), (3, 1, "d1", 0.2),  # only 2 samples: one rejected
+    (4, 0, "e0", 0.9), (4, 1, "e1", 0.8995), (4, 2, "e2", 0.5), (4, 3, "e3", 0.4),  # e1 is as good as the best
+    (5, 0, "f0", 0.6), (5, 1, "f0", 0.1),  # the only other sample repeats the chosen text
 ]
 
 
-def test_knowledge_pairs_best_vs_worst_with_margin_and_counts():
+def test_knowledge_pairs_reject_only_analyses_a_margin_below_the_best():
     samples, rewards = _samples_and_rewards(ROWS)
     table, counts = knowledge_pairs(samples, rewards, PairsConfig(num_negatives=2, margin=1e-3))
     assert table.schema == PAIRS_SCHEMA
-    validate_pairs(table)
+    validate_pairs(table, margin=1e-3)
     rows = {r["user_idx"]: r for r in table.to_pylist()}
-    assert sorted(rows) == [0, 2]
+    assert sorted(rows) == [0, 2, 3, 4]
     assert rows[0] == {"user_idx": 0, "path": "knowledge", "prompt": "prompt of user 0", "chosen": "a1",
                        "rejected": ["a2", "a3"], "chosen_reward": 0.9, "rejected_rewards": [0.1, 0.3]}
     # user 2: the worst sample repeats the chosen text, so the negatives are the next-worst distinct texts.
     assert rows[2]["chosen"] == "same" and rows[2]["rejected"] == ["c2", "c3"]
-    assert counts == {"users": 4, "kept": 2, "dropped_margin": 1, "dropped_too_few_samples": 1,
-                      "dropped_duplicate_text": 0, "rows_with_rejected_within_margin": 0}
+    assert rows[3]["rejected"] == ["d1"], "up to K: a row may hold fewer"
+    # user 4: e1 lies within the margin of the best, so it is never a rejected, even with room for three
+    assert rows[4]["rejected"] == ["e3", "e2"]
+    wide, _ = knowledge_pairs(samples, rewards, PairsConfig(num_negatives=3, margin=1e-3))
+    assert {r["user_idx"]: r["rejected"] for r in wide.to_pylist()}[4] == ["e3", "e2"]
+    assert counts == {"users": 6, "kept": 4, "dropped_margin": 1, "dropped_duplicate_text": 1,
+                      "rows_with_fewer_than_k": 1, "rejected": 7}
 
 
 def test_knowledge_pairs_k1_and_margin_zero_keeps_near_ties():
@@ -52,7 +60,7 @@ def test_knowledge_pairs_k1_and_margin_zero_keeps_near_ties():
     rows = {r["user_idx"]: r for r in table.to_pylist()}
     assert rows[0]["rejected"] == ["a2"] and rows[1]["chosen"] == "b1" and rows[1]["rejected"] == ["b0"]
     assert rows[3]["chosen"] == "d0" and rows[3]["rejected"] == ["d1"]
-    assert counts["kept"] == 4 and counts["dropped_margin"] == 0
+    assert counts["kept"] == 5 and counts["dropped_margin"] == 0
     assert all(r["chosen"] not in r["rejected"] for r in rows.values())
 
 
@@ -82,7 +90,7 @@ def tiny_data(tiny_data_dir):
     return Dataset(tiny_data_dir)
 
 
-def test_rerank_pairs_letters_titles_and_hard_negatives(tiny_data, tiny_llama_dir):
+def test_rerank_pairs_letters_and_hard_negatives(tiny_data, tiny_llama_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -92,16 +100,14 @@ def test_rerank_pairs_letters_titles_and_hard_negatives(tiny_data, tiny_llama_di
     table, counts = rerank_pairs(tiny_data, tokenizer, PairsConfig(num_negatives=3, negatives="hard"), scores)
     assert table.schema == PAIRS_SCHEMA and counts["kept"] == len(split) == table.num_rows
     validate_pairs(table)
-    items = tiny_data.items
     for i, row in enumerate(table.to_pylist()):
         assert row["user_idx"] == split.user_idx[i] and row["path"] == "rerank"
         assert row["prompt"].endswith("<|im_start|>assistant\n") and "labelled A to T" in row["prompt"]
         target = int(split.target_index[i])
-        title = items.loc[int(split.candidates[i, target]), "title"]
-        assert row["chosen"].startswith(f"{LETTERS[target]}. {title} (")
+        assert row["chosen"] == LETTERS[target], "the completion is the letter alone: what the re-ranker scores"
         others = [c for c in range(20) if c != target]
         expected = sorted(others, key=lambda c: -scores[i, c])[:3]
-        assert [r.split(".")[0] for r in row["rejected"]] == [LETTERS[c] for c in expected]
+        assert row["rejected"] == [LETTERS[c] for c in expected]
         assert row["chosen_reward"] is None and row["rejected_rewards"] is None
 
 
@@ -124,3 +130,16 @@ def test_validate_pairs_rejects_chosen_among_rejected():
                     "rejected_rewards": pa.array([[0.0, 0.0]])}, schema=PAIRS_SCHEMA)
     with pytest.raises(ValueError, match="chosen text is also rejected"):
         validate_pairs(bad)
+
+
+def test_validate_pairs_checks_the_margin_and_that_a_row_has_a_rejected():
+    row = {"user_idx": pa.array([0], pa.int32()), "path": ["knowledge"], "prompt": ["p"], "chosen": ["x"],
+           "chosen_reward": pa.array([1.0])}
+    close = pa.table({**row, "rejected": [["y"]], "rejected_rewards": pa.array([[0.9995]])}, schema=PAIRS_SCHEMA)
+    validate_pairs(close)
+    with pytest.raises(ValueError, match="within 0.001 of the chosen"):
+        validate_pairs(close, margin=1e-3)
+    empty = pa.table({**row, "rejected": [[]], "rejected_rewards": pa.array([[]], pa.list_(pa.float64()))},
+                     schema=PAIRS_SCHEMA)
+    with pytest.raises(ValueError, match="no rejected completion"):
+        validate_pairs(empty)

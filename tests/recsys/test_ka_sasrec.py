@@ -54,3 +54,22 @@ def test_training_states_keep_padding_zero_and_backprop_reaches_the_adaptor():
     assert torch.equal(states[0, :2], torch.zeros(2, 16))  # padded positions stay zero
     states.sum().backward()
     assert model.adaptor[0].weight.grad.abs().sum() > 0 and model.gate.weight.grad.abs().sum() > 0
+
+
+def test_a_per_position_mask_fuses_the_knowledge_only_where_it_is_known():
+    model = tiny_ka_model()
+    knowledge = torch.randn(2, 8)
+    plain = model(HISTORY)
+    where = torch.tensor([[False, False, False, True, True, True], [False, False, False, False, False, True]])
+    fused = model(HISTORY, None, knowledge, where)
+    assert torch.allclose(fused[~where], plain[~where], atol=1e-6), "positions before the cut-off are plain SASRec"
+    assert not torch.allclose(fused[where], plain[where], atol=1e-4)
+    with pytest.raises(ValueError, match="present must be"):
+        model(HISTORY, None, knowledge, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_catalogue_logp_is_a_distribution_over_the_items():
+    model = tiny_ka_model()
+    logp = model.catalogue_logp(HISTORY, torch.randn(2, 8))
+    assert logp.shape == (2, 31) and torch.isinf(logp[:, 0]).all(), "padding is never an item"
+    assert torch.allclose(logp[:, 1:].exp().sum(dim=1), torch.ones(2), atol=1e-5)

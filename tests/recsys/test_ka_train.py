@@ -36,10 +36,11 @@ def tiny_spec(ray_local, tiny_data_dir, tmp_path_factory):
     vectors = rng.normal(size=(len(users), 6)).astype(np.float32)
     table = pa.table({"user_idx": pa.array(users, pa.int32()), "sample_idx": pa.array(samples, pa.int32()),
                       "embedding": pa.array(list(vectors), pa.list_(pa.float32()))})
-    emb_path = str(root / "embeddings.parquet")
-    io.write_parquet(table, emb_path)
+    emb_dir = str(root / "embeddings")
+    io.write_parquet(table, io.join(emb_dir, "cutoff.parquet"))  # what training reads
+    io.write_parquet(table.slice(0, 10), io.join(emb_dir, "train.parquet"))  # the rewarded set: validation rows
     train = SeqTrainConfig(epochs=2, train_batch_size=16, learning_rate=5e-3, patience=5, num_workers=2, seed=0)
-    return KAJobSpec(data_dir, emb_path, MODEL, KA, train), root, data
+    return KAJobSpec(data_dir, emb_dir, MODEL, KA, train), root, data
 
 
 def _initial(data: Dataset, spec: KAJobSpec) -> KASASRec:
@@ -90,7 +91,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_spe
 
 def test_knowledge_windows_hold_out_each_users_last_train_item():
     sequences = [np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9, 10, 11, 12, 13, 14])]
-    inputs, targets, owners = knowledge_windows(sequences, max_len=3)
+    inputs, targets, owners, positions = knowledge_windows(sequences, max_len=3)
     # User 0 trains on [1, 2, 3]: inputs (0, 1, 2) -> targets (0, 2, 3); user 1 ([5]) has nothing left.
     assert inputs[owners == 0].tolist() == [[0, 1, 2]] and targets[owners == 0].tolist() == [[0, 2, 3]]
     assert not (owners == 1).any()
@@ -99,6 +100,10 @@ def test_knowledge_windows_hold_out_each_users_last_train_item():
     for user, seq in enumerate(sequences):
         held_out = int(seq[-1])
         assert not (targets[owners == user] == held_out).any() and not (inputs[owners == user] == held_out).any()
+        # target_positions index each target in its user's sequence; -1 on padding
+        mine, at = targets[owners == user], positions[owners == user]
+        assert ((at == -1) == (mine == 0)).all()
+        assert all(int(seq[p]) == int(t) for p, t in zip(at[at >= 0], mine[at >= 0]))
 
 
 def test_pick_samples_draws_present_samples_per_epoch_and_same_on_every_worker():
@@ -109,19 +114,22 @@ def test_pick_samples_draws_present_samples_per_epoch_and_same_on_every_worker()
     assert np.array_equal(pick_samples(present, 3, 5), picks[5])  # deterministic: all workers agree
 
 
-def test_batch_knowledge_and_dropout():
+def test_batch_knowledge_reads_an_analysis_only_after_its_cut_off_and_drops_whole_windows():
     vectors = np.arange(3 * 2 * 2, dtype=np.float32).reshape(3, 2, 2)
     table = KnowledgeTable(vectors, np.array([[True, True], [False, False], [True, False]]))
     picks = np.array([1, -1, 0])
     owners = torch.tensor([0, 1, 2, 0])
-    k, present = batch_knowledge(table, picks, owners, dropout=0.0)
-    assert present.tolist() == [True, False, True, True]
+    positions = torch.tensor([[-1, 3, 4], [2, 3, 4], [4, 5, 6], [5, 6, 7]])  # each target's index in the sequence
+    cutoff = np.array([4, 0, 6])  # user 0's analysis describes items 0-3, user 2's items 0-5
+    k, present = batch_knowledge(table, picks, owners, positions, cutoff, dropout=0.0)
+    assert present.tolist() == [[False, False, True], [False, False, False], [False, False, True], [True, True, True]]
     assert k[0].tolist() == vectors[0, 1].tolist() and k[2].tolist() == vectors[2, 0].tolist()
-    _, dropped = batch_knowledge(table, picks, owners, dropout=1.0)
+    _, dropped = batch_knowledge(table, picks, owners, positions, cutoff, dropout=1.0)
     assert not dropped.any()
-    _, half = batch_knowledge(table, np.zeros(3, dtype=np.int64), torch.zeros(4000, dtype=torch.long), 0.3,
-                              torch.Generator().manual_seed(0))
-    assert 0.65 < half.float().mean().item() < 0.75
+    many = torch.zeros((4000, 2), dtype=torch.long) + 9
+    _, half = batch_knowledge(table, np.zeros(3, dtype=np.int64), torch.zeros(4000, dtype=torch.long), many, cutoff,
+                              0.3, torch.Generator().manual_seed(0))
+    assert 0.65 < half[:, 0].float().mean().item() < 0.75 and (half[:, 0] == half[:, 1]).all(), "whole windows"
 
 
 def test_score_with_knowledge_matches_forward_in_batches():

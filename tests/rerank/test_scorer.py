@@ -71,6 +71,9 @@ def test_free_generation_metrics_by_hand():
     assert m["valid_ratio"] == pytest.approx(0.75)
     assert m["hr@1_all_rows"] == pytest.approx(0.5)  # rows 0 and 3 hit
     assert m["hr@1_valid_rows"] == pytest.approx(2 / 3)
+    none = rerank.free_generation_metrics(["I would pick B", "hmm"], np.array([1, 0]), 3)
+    assert none["valid_ratio"] == 0.0 and none["hr@1_all_rows"] == 0.0
+    assert np.isnan(none["hr@1_valid_rows"]), "undefined without a valid answer: NaN, shown as '-', not 0"
 
 
 @pytest.mark.ray
@@ -85,3 +88,14 @@ def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir):
     assert sorted(logits) == [0, 1, 2, 3, 4] and all(v.shape == (20,) for v in logits.values())
     direct = rerank.LetterScorer(loader, 20, cfg)({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})
     np.testing.assert_allclose(np.stack([logits[r] for r in range(5)]), direct["letter_logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_tiny_models_letter_is_the_first_completion_token(tiny_llama_dir, ml100k_dir):
+    from transformers import AutoTokenizer
+
+    from recalign.data.dataset import Dataset
+    from tests.helpers.pairs import assert_letters_are_first_completion_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = rerank.build_prompts(Dataset(ml100k_dir), "train", np.array([0]), tokenizer, PROMPT)[0]
+    assert_letters_are_first_completion_tokens(tokenizer, prompt)

@@ -1,4 +1,5 @@
-"""Rewards: computed on each user's train target, NDCG@10 first, log-probability only to break ties."""
+"""Rewards: computed on each user's train target, as the catalogue log-probability (default) or NDCG@10 first
+with the log-probability among the candidates only to break ties."""
 
 from __future__ import annotations
 
@@ -54,8 +55,11 @@ def tiny(tiny_data_dir):
 
 def test_rewards_score_the_train_target_fed_each_sample(tiny):
     data, model, knowledge = tiny
-    cfg = RewardConfig()
+    cfg = RewardConfig(kind="ndcg10")
     rewards = compute_rewards(model, data, knowledge, cfg).to_pandas()
+    by_logp = compute_rewards(model, data, knowledge, RewardConfig()).to_pandas()
+    assert np.array_equal(by_logp["reward"], by_logp["logp_catalogue"]), "the default reward is the catalogue logp"
+    assert np.allclose(by_logp["logp_catalogue"], rewards["logp_catalogue"])
     assert len(rewards) == knowledge.present.sum() and 2 not in set(rewards["user_idx"])
     assert rewards.groupby("user_idx").size()[5] == 2
 
@@ -79,6 +83,13 @@ def test_rewards_score_the_train_target_fed_each_sample(tiny):
         assert r.reward == pytest.approx(r.ndcg10 + cfg.tie_break * math.exp(r.logp_target))
         assert r.target_rank == metrics.target_rank(scores, target).item()
         assert r.ndcg10_no_knowledge == pytest.approx(metrics.ndcg_at_k(plain, target, 10).item())
+        with torch.no_grad():  # the target's log-probability over the whole catalogue, with and without the text
+            logp = model.catalogue_logp(torch.as_tensor(train.history[i:i + 1]),
+                                        torch.as_tensor(knowledge.vectors[r.user_idx, r.sample_idx][None]))
+            plain_logp = model.catalogue_logp(torch.as_tensor(train.history[i:i + 1]))
+        assert r.logp_catalogue == pytest.approx(logp[0, int(train.target[i])].item(), abs=1e-5)
+        assert r.logp_catalogue_no_knowledge == pytest.approx(plain_logp[0, int(train.target[i])].item(), abs=1e-5)
+        assert r.logp_catalogue < r.logp_target, "one item among 1,000+ is less likely than among 20"
     assert rewards["logp_target"].std() > 0  # the samples really change the scores
 
 
@@ -86,9 +97,10 @@ def test_summary_counts_and_spreads_by_hand():
     rewards = pa.table({
         "user_idx": pa.array([0, 0, 1, 1], pa.int32()), "sample_idx": pa.array([0, 1, 0, 1], pa.int32()),
         "ndcg10": [1.0, 0.5, 0.5, 0.5], "logp_target": [-1.0, -2.0, -1.0, -1.5],
-        "reward": [1.003, 0.501, 0.504, 0.502], "ndcg10_no_knowledge": [0.5, 0.5, 0.0, 0.0],
+        "logp_catalogue": [-4.0, -4.005, -6.0, -7.0], "reward": [1.003, 0.501, 0.504, 0.502],
+        "ndcg10_no_knowledge": [0.5, 0.5, 0.0, 0.0], "logp_catalogue_no_knowledge": [-5.0, -5.0, -6.5, -6.5],
     })
-    s = summarise_rewards(rewards, num_resamples=200)
+    s = summarise_rewards(rewards, kind="ndcg10", num_resamples=200)
     assert s["num_users"] == 2 and s["samples_per_user"] == {"min": 2, "max": 2}
     assert s["share_best_ne_worst"] == {"reward": 1.0, "ndcg10": 0.5}
     assert s["spread_quantiles"]["ndcg10"]["q100"] == pytest.approx(0.5)
@@ -96,4 +108,10 @@ def test_summary_counts_and_spreads_by_hand():
     assert s["mean"]["best_ndcg10"] == pytest.approx(0.75) and s["mean"]["worst_ndcg10"] == pytest.approx(0.5)
     # per user: mean NDCG over samples (0.75, 0.5) minus no-knowledge (0.5, 0.0) -> 0.375
     assert s["knowledge_vs_none_on_target"]["diff"] == pytest.approx(0.375)
-    assert s["margin_sweep"]["0.001"] == 2 and s["margin_sweep"]["0.01"] == 1
+    # users with a usable pair per reward kind: NDCG + tie-break gaps 0.502, 0.002; catalogue logp gaps 0.005, 1.0
+    assert s["usable_users"]["ndcg10"]["0.001"] == 2 and s["usable_users"]["ndcg10"]["0.01"] == 1
+    assert s["usable_users"]["logp"]["0.001"] == 2 and s["usable_users"]["logp"]["0.01"] == 1
+    # per user: mean catalogue logp over samples (-4.0025, -6.5) minus without knowledge (-5.0, -6.5) -> 0.49875
+    assert s["knowledge_vs_none_logp"]["diff"] == pytest.approx(0.49875)
+    with pytest.raises(ValueError, match="kind"):
+        RewardConfig(kind="hr")

@@ -4,13 +4,15 @@ import functools
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from recalign import io
 from recalign.prompts import PromptConfig
 from recalign.sampling.actors import (SAMPLES_SCHEMA, PromptBuilder, SamplerStage, check_samples, part_files, part_name,
                                       read_samples)
-from recalign.sampling.engines import EngineError
+from recalign.sampling.engines import EngineConfig, EngineError, HFEngine, batch_seed
 from tests.helpers import fakes
 
 
@@ -37,7 +39,8 @@ def test_sampler_stage_writes_n_rows_per_user_with_the_schema(tmp_path):
     assert table["user_idx"].to_pylist() == [5] * 4 + [2] * 4 + [9] * 4
     assert table["sample_idx"].to_pylist() == [0, 1, 2, 3] * 3
     assert table["response"].to_pylist()[5] == "analysis 1 of history of 2"
-    assert set(table["engine"].to_pylist()) == {"fake"} and set(table["seed"].to_pylist()) == {7}
+    assert set(table["engine"].to_pylist()) == {"fake"}
+    assert set(table["seed"].to_pylist()) == {batch_seed(0, [2, 5, 9], "train")}, "the batch's seed, recorded"
     assert table["finish_reason"].to_pylist()[:2] == ["length", "stop"]
     check_samples(read_samples(str(tmp_path)), [2, 5, 9], 4)
 
@@ -49,6 +52,38 @@ def test_sampler_stage_rewrites_the_same_file_when_a_batch_is_retried(tmp_path):
     assert len(part_files(str(tmp_path))) == 1
     assert read_samples(str(tmp_path)).num_rows == 6
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_batch_seed_depends_on_the_seed_the_set_and_the_users_not_their_order():
+    assert batch_seed(0, [5, 2, 9], "train") == batch_seed(0, [9, 5, 2], "train")
+    assert len({batch_seed(0, [2, 5, 9], "train"), batch_seed(1, [2, 5, 9], "train"),
+                batch_seed(0, [2, 5, 9], "cutoff"), batch_seed(0, [2, 5], "train")}) == 4
+    assert all(0 <= batch_seed(s, [s], "train") < 2**31 for s in range(50))
+
+
+@pytest.mark.parametrize("engine", ["fake", "hf"])
+def test_a_batchs_samples_do_not_depend_on_the_batches_drawn_before_it(tmp_path, tiny_llama_dir, engine):
+    """Each batch is drawn under its own seed: batch B on a fresh actor equals batch B after batch A on
+    another, whose engine stream had moved on (with the transformers engine on a tiny model, for real)."""
+    if engine == "fake":
+        factory = functools.partial(fakes.fake_engine, noisy=True)
+    else:
+        factory = functools.partial(HFEngine, str(tiny_llama_dir), 3, EngineConfig(engine="hf", threads=1))
+    later, fresh = tmp_path / "later", tmp_path / "fresh"
+    busy = _stage(later, n=3, factory=factory)
+    busy(_batch((1, 4)))
+    busy(_batch((5, 2, 9)))
+    _stage(fresh, n=3, factory=factory)(_batch((5, 2, 9)))
+    want = read_samples(str(fresh)).filter(pc.is_in(read_samples(str(fresh))["user_idx"], pa.array([2, 5, 9])))
+    got = read_samples(str(later))
+    got = got.filter(pc.is_in(got["user_idx"], pa.array([2, 5, 9])))
+    assert got["response"].to_pylist() == want["response"].to_pylist()
+    assert len(set(got["response"].to_pylist())) == got.num_rows, "the draws differ within a batch"
+    other = _stage(tmp_path / "other", n=3, factory=factory)
+    other.seed = 1
+    other(_batch((5, 2, 9)))
+    assert read_samples(str(tmp_path / "other"))["response"].to_pylist() != want["response"].to_pylist(), \
+        "another sample.seed draws other samples"
 
 
 def test_engine_returning_fewer_than_n_completions_fails_loudly(tmp_path):

@@ -144,8 +144,15 @@ import json, sys
 from recalign.sampling.engines import EngineConfig, VLLMEngine
 engine = VLLMEngine(sys.argv[1], int(sys.argv[2]), EngineConfig(engine="vllm", enforce_eager=True, kv_cache_gb=0.25,
                                                                  max_model_len=512, threads=1))
-results = engine.generate(json.loads(sys.argv[3]), 4, 8, 1.0, 1.0)
-print("RESULT " + json.dumps([[r.prompt_tokens, [c.__dict__ for c in r.completions]] for r in results]))
+prompts = json.loads(sys.argv[3])
+dump = lambda results: [[r.prompt_tokens, [c.__dict__ for c in r.completions]] for r in results]
+first = dump(engine.generate(prompts, 4, 8, 1.0, 1.0))
+engine.reseed(11)
+reseeded = dump(engine.generate(prompts, 4, 8, 1.0, 1.0))
+engine.generate(prompts[::-1] + ["another batch, which moves the stream on"], 2, 8, 1.0, 1.0)
+engine.reseed(11)  # a later batch under the same seed: the stream and the prefix cache start afresh
+again = dump(engine.generate(prompts, 4, 8, 1.0, 1.0))
+print("RESULT " + json.dumps([first, reseeded, again]))
 """
 
 
@@ -194,7 +201,9 @@ def test_vllm_engine_serves_several_lora_adapters_in_one_batch(tiny_llama_dir, t
 
 def test_vllm_engine_returns_exactly_n_and_is_seeded_by_the_engine(tiny_llama_dir, hf_engine):
     first, second = _vllm(tiny_llama_dir, 0), _vllm(tiny_llama_dir, 0)
-    run_a, run_b = _result(first), _result(second)
+    (run_a, reseeded, again), (run_b, _, _) = _result(first), _result(second)
+    assert reseeded == again, "reseed() makes a batch independent of the batches before it"
+    assert reseeded != run_a, "and another seed draws other samples"
     assert [len(completions) for _, completions in run_a] == [4, 4]  # Ray's own vLLM stage would keep 1
     expected_prompt_tokens = [len(hf_engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     assert [prompt_tokens for prompt_tokens, _ in run_a] == expected_prompt_tokens

@@ -12,7 +12,7 @@ from recalign import io
 from recalign.prompts import PromptConfig
 from recalign.sampling.actors import check_samples, part_files, read_samples
 from recalign.sampling.config import SampleConfig
-from recalign.sampling.engines import EngineConfig
+from recalign.sampling.engines import EngineConfig, batch_seed
 from recalign.sampling.pipeline import run_sampling, select_users
 from tests.helpers import fakes
 
@@ -77,6 +77,19 @@ def test_pipeline_resumes_and_extends_without_duplicates(ray_local, tiny_llama_d
 
 
 @pytest.mark.ray
+def test_one_actor_and_two_write_identical_samples(ray_local, tiny_llama_dir, ml100k_dir, tmp_path, fakes_by_value):
+    """Which actor draws a batch, and after which others, changes nothing: every batch is reseeded."""
+    factory = functools.partial(fakes.fake_engine, noisy=True)
+    tables = []
+    for actors in (1, 2):
+        out = str(tmp_path / f"actors{actors}")
+        run_sampling(_cfg(tiny_llama_dir, num_users=6, num_actors=actors), ml100k_dir, out, engine_factory=factory)
+        tables.append(read_samples(out).select(["user_idx", "sample_idx", "response", "seed"]))
+    assert tables[0].equals(tables[1])
+    assert len(set(tables[0]["seed"].to_pylist())) == 3, "three batches of 2 users, a seed each"
+
+
+@pytest.mark.ray
 def test_pipeline_survives_a_dead_actor_without_duplicating_rows(ray_local, tiny_llama_dir, ml100k_dir, tmp_path,
                                                                  fakes_by_value):
     out, marker = str(tmp_path / "samples"), tmp_path / "crashed"
@@ -118,7 +131,9 @@ def test_pipeline_with_the_real_hf_engine(ray_local, tiny_llama_dir, ml100k_dir,
     assert set(table["finish_reason"].to_pylist()) <= {"stop", "length"}
     assert all(1 <= t <= 6 for t in table["response_tokens"].to_pylist())
     assert len(set(table["response"].to_pylist())) > 3  # sampled, not N copies of one greedy answer
-    assert table["prompt_tokens"].to_pylist()[0] > 20 and set(table["seed"].to_pylist()) == {0}
+    assert table["prompt_tokens"].to_pylist()[0] > 20
+    users = sorted(set(table["user_idx"].to_pylist()))
+    assert set(table["seed"].to_pylist()) == {batch_seed(0, users[:2], "train"), batch_seed(0, users[2:], "train")}
 
 
 @pytest.mark.ray

@@ -23,7 +23,7 @@ def test_load_samples_keeps_one_split_sorted_and_checked(data, tmp_path):
     assert set(train["split"].to_pylist()) == {"train"} and train.num_rows == 4
     assert list(zip(train["user_idx"].to_pylist(), train["sample_idx"].to_pylist())) == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert load_samples(str(tmp_path / "samples"), "test")["user_idx"].to_pylist() == [5, 5]
-    with pytest.raises(ValueError, match="no samples for 'valid' prompts"):
+    with pytest.raises(FileNotFoundError, match="not finished for 'valid' prompts"):
         load_samples(str(tmp_path / "samples"), "valid")
 
 
@@ -43,5 +43,5 @@ def test_knowledge_prompt_is_read_from_the_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the sample stage first"):
         knowledge_prompt(run)
     io.write_json({"key": {"prompt": {"max_history": 7, "show_ratings": False, "show_genres": True}}},
-                  run.dir("samples", "config.json"))
+                  run.dir("samples", "train", "config.json"))
     assert knowledge_prompt(run) == PromptConfig(max_history=7, show_ratings=False, show_genres=True)

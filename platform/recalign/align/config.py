@@ -25,7 +25,8 @@ class AlignConfig:
         "mixed_precision": "renamed to bf16 (true: matmuls under bfloat16 autocast; false: everything in dtype)",
     }
 
-    loss_type: str = option("sdpo", "dpo (pairwise; K > 1: the mean of the K pairwise losses) | dmpo | sdpo")
+    loss_type: str = option("sdpo", "dpo (best vs worst: num_negatives=1, as RLRF4Rec) | dpo_pairwise_mean (the mean "
+                                    "of K pairwise DPO losses) | dmpo | sdpo")
     beta: float = option(1.0, "implicit-reward scale; S-DPO uses 1.0, DPO papers often 0.1")
     num_negatives: int = option(3, "K rejected completions per prompt (the first K of each pairs row)")
     lora_r: int = option(16, "LoRA rank")
@@ -68,6 +69,9 @@ class AlignConfig:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.prompt_sharing not in ("packed", "kv_cache", "none"):
             raise ValueError(f"prompt_sharing must be packed, kv_cache or none, got {self.prompt_sharing!r}")
+        if self.loss_type == "dpo" and self.num_negatives != 1:
+            raise ValueError(f"loss_type=dpo is best vs worst (num_negatives=1), got num_negatives={self.num_negatives}; "
+                             "for K > 1 use dpo_pairwise_mean, dmpo or sdpo")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.max_examples < 0:
@@ -89,7 +93,8 @@ def _rerank_default() -> AlignConfig:
 @dataclass
 class PoliciesConfig:
     paths: list[str] = option(factory=lambda: list(PATHS), help="pair sets that get policies")
-    loss_types: list[str] = option(factory=lambda: list(LOSS_TYPES), help="one policy per loss type and path")
+    loss_types: list[str] = option(factory=lambda: ["dpo", "dmpo", "sdpo"], help="one policy per loss type and "
+                                   "path; dpo trains best vs worst (K=1), the others on the path's num_negatives")
     rerank: AlignConfig = option(factory=_rerank_default, help="re-rank path; its sft_num_train_epochs / "
                                                                "sft_max_steps train the SFT policy (both 0: no SFT "
                                                                "policy)")
@@ -107,7 +112,8 @@ class PoliciesConfig:
 @dataclass
 class SweepConfig:
     search: str = option("grid", "grid: every combination below | random: num_samples draws")
-    loss_types: list[str] = option(factory=lambda: ["dpo", "dmpo", "sdpo"], help="searched loss types")
+    loss_types: list[str] = option(factory=lambda: ["dmpo", "sdpo"], help="searched loss types (at K=1 both are DPO; "
+                                   "dpo itself only takes K=1)")
     betas: list[float] = option(factory=lambda: [0.1, 1.0], help="grid values of beta")
     num_negatives: list[int] = option(factory=lambda: [1, 3], help="grid values of K")
     beta_range: list[float] = option(factory=lambda: [0.05, 2.0], help="random search: log-uniform beta bounds")
@@ -118,3 +124,10 @@ class SweepConfig:
     max_concurrent: int = option(1, "trials at once (each runs a TorchTrainer of align.num_workers workers)")
     valid_users: int = option(64, "seeded subset of validation users the re-ranker is scored on; 0 = all")
     seed: int = option(0, "validation subset and random search")
+
+    def __post_init__(self) -> None:
+        if set(self.loss_types) - set(LOSS_TYPES):
+            raise ValueError(f"loss_types must be among {list(LOSS_TYPES)}, got {self.loss_types}")
+        if "dpo" in self.loss_types and set(self.num_negatives) - {1}:
+            raise ValueError("sweep.loss_types has dpo, which takes K=1 only, but num_negatives has "
+                             f"{self.num_negatives}: search dmpo/sdpo (DPO at K=1) or dpo_pairwise_mean")

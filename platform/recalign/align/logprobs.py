@@ -48,6 +48,10 @@ class CompletionBatch:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
+    def present(self) -> torch.Tensor:
+        """(B, N) bool: which completions exist (a row with fewer than N rejected is padded with empty ones)."""
+        return self.completion_mask.bool().any(dim=2)
+
     def sequence_tokens(self) -> int:
         """Tokens of the N full prompt + completion sequences (the work the naive form does)."""
         prompt_tokens = self.prompt_mask.sum(dim=1)  # (B,)
@@ -55,28 +59,34 @@ class CompletionBatch:
 
 
 def encode_example(tokenizer, prompt: str, completions: list[str], max_prompt_tokens: int,
-                   max_completion_tokens: int) -> EncodedExample:
-    """Tokenise a chat-rendered prompt and its completions; the trainer appends EOS to each completion.
+                   max_completion_tokens: int, add_eos: bool = True) -> EncodedExample:
+    """Tokenise a chat-rendered prompt and its completions, each followed by EOS when `add_eos`.
 
     The prompt already carries its special tokens (chat template), so none are added. A prompt longer
     than max_prompt_tokens keeps its end (the assistant header must stay); a completion longer than
-    max_completion_tokens keeps its start (and loses its EOS).
+    max_completion_tokens keeps its start (and loses its EOS). Re-rank completions are a letter alone
+    and take no EOS: the loss is then the log-probability of the letter token, the quantity the
+    re-ranker scores.
     """
-    if tokenizer.eos_token_id is None:
+    if add_eos and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id; the completions need one")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     completion_ids = []
     for text in completions:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])
+        if not ids:
+            raise ValueError(f"completion {text!r} encodes to no token")
         completion_ids.append(ids[:max_completion_tokens])
     return EncodedExample(prompt_ids, completion_ids)
 
 
 def collate(examples: list[EncodedExample], pad_token_id: int, num_completions: int | None = None) -> CompletionBatch:
-    """Pad B examples into a CompletionBatch; `num_completions` keeps the first n (1 = chosen only)."""
-    n = num_completions or len(examples[0].completion_ids)
-    if any(len(e.completion_ids) < n for e in examples):
-        raise ValueError(f"every example needs {n} completions")
+    """Pad B examples into a CompletionBatch of N completions each: N = `num_completions` (1 = the chosen only)
+    or the most any example has. An example with fewer gets empty completions (mask 0, log-prob 0), which
+    `CompletionBatch.present` reports so the losses leave them out."""
+    n = num_completions or max(len(e.completion_ids) for e in examples)
+    if any(not e.completion_ids for e in examples):
+        raise ValueError("every example needs its chosen completion")
     prompt_len = max(len(e.prompt_ids) for e in examples)
     completion_len = max(len(c) for e in examples for c in e.completion_ids[:n])
     batch = len(examples)

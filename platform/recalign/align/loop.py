@@ -178,9 +178,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
-    """PreferenceExamples -> EncodedExamples (prompt ids, [chosen, *rejected] ids with EOS)."""
+    """PreferenceExamples -> EncodedExamples (prompt ids, [chosen, *rejected] ids). Knowledge analyses end with
+    EOS; re-rank completions are a candidate's letter alone, so the loss is that letter's log-probability."""
     return [encode_example(tokenizer, e.prompt, [e.chosen, *e.rejected], cfg.max_prompt_length,
-                           cfg.max_completion_length) for e in pairs]
+                           cfg.max_completion_length, add_eos=e.path != "rerank") for e in pairs]
 
 
 def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = ""):
@@ -230,7 +231,7 @@ def autocast(cfg: AlignConfig, device):
 def _micro_batch(scorer, model, examples, rows, last: bool, num_micro: int, cfg: AlignConfig, pad_id: int, device,
                  phase: str, reference: torch.Tensor | None) -> dict[str, float]:
     """Forward and backward of one micro-batch (1/num_micro of the step's loss); returns its metric sums."""
-    batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else None).to(device)
+    batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else cfg.num_negatives + 1).to(device)
     sums = {"sequence_tokens": float(batch.sequence_tokens()), "examples": float(len(rows))}
     # Gradients are all-reduced once per optimizer step, on the last micro-batch.
     sync = contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
@@ -242,12 +243,14 @@ def _micro_batch(scorer, model, examples, rows, last: bool, num_micro: int, cfg:
         else:
             ref = (reference[torch.as_tensor(rows)].to(device) if reference is not None
                    else reference_logps(model, batch, cfg.prompt_sharing))
+            present = batch.present()[:, 1:]  # (b, K): a row with fewer negatives is padded, its extras masked
             losses, chosen_rewards, rejected_rewards = preference_loss(
                 logps[:, 0], logps[:, 1:], ref[:, 0].to(logps.dtype), ref[:, 1:].to(logps.dtype), cfg.beta,
-                cfg.loss_type)
+                cfg.loss_type, present)
             loss = losses.mean()
             sums["loss_sum"] = losses.sum().item()
-            sums.update({f"{k}_sum": v.sum().item() for k, v in reward_stats(chosen_rewards, rejected_rewards).items()})
+            stats = reward_stats(chosen_rewards, rejected_rewards, present)
+            sums.update({f"{k}_sum": v.sum().item() for k, v in stats.items()})
         (loss / num_micro).backward()
     return sums
 
@@ -274,7 +277,7 @@ def precompute_reference(model, examples, cfg: AlignConfig, pad_id: int, rank: i
     mine = np.arange(rank, len(examples), world)
     for start in range(0, len(mine), cfg.per_device_train_batch_size):
         rows = mine[start:start + cfg.per_device_train_batch_size]
-        batch = collate([examples[j] for j in rows], pad_id).to(device)
+        batch = collate([examples[j] for j in rows], pad_id, cfg.num_negatives + 1).to(device)
         with contextlib.nullcontext() if adapter else model.disable_adapter(), autocast(cfg, device):
             out[torch.as_tensor(rows)] = SCORERS[cfg.prompt_sharing](model, **batch.tensors()).double().cpu()
     if dist.is_available() and dist.is_initialized():

@@ -41,7 +41,8 @@ def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) ->
         preference = dataclasses.replace(align, sft_num_train_epochs=0, sft_max_steps=0)
         for loss_type in cfg.loss_types:
             label = f"sft+{loss_type}" if init else loss_type
-            plan.append((f"{path}/{label}", dataclasses.replace(preference, loss_type=loss_type), init))
+            k = 1 if loss_type == "dpo" else preference.num_negatives  # DPO is best vs worst
+            plan.append((f"{path}/{label}", dataclasses.replace(preference, loss_type=loss_type, num_negatives=k), init))
     return plan
 
 

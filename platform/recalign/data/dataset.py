@@ -73,6 +73,7 @@ class SplitArrays:
     target: np.ndarray  # (B,) int64 item index
     candidates: np.ndarray  # (B, C) int64 item indices
     target_index: np.ndarray  # (B,) int64 column of the target in candidates, -1 if absent
+    position: np.ndarray  # (B,) int64 index of the target in the user's chronological sequence
 
     def __len__(self) -> int:
         return len(self.user_idx)
@@ -127,6 +128,7 @@ class Dataset:
             target=table["target"].to_numpy().astype(np.int64),
             candidates=np.array(table["candidates"].to_pylist(), dtype=np.int64),
             target_index=table["target_index"].to_numpy().astype(np.int64),
+            position=table["position"].to_numpy().astype(np.int64),
         )
 
     def train_sequences(self) -> list[np.ndarray]:

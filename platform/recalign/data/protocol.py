@@ -1,11 +1,16 @@
 """The evaluation protocol every stage shares: chronological leave-one-out with sampled candidates.
 
-Per user, interactions sorted by time:
-- `test`  target = last item, history = the H items before it;
-- `valid` target = second to last, history = the H items before it;
-- `train` target = third to last (the last *training* interaction), history = the H items before it.
+Per user, interactions sorted by time (positions 0 .. n-1):
+- `test`   target = the last item (n-1), history = the H items before it;
+- `valid`  target = the second to last (n-2), history = the H items before it;
+- `train`  target = the third to last (n-3, the last *training* interaction), history = the H items before it;
+- `cutoff` target = the item `knowledge_horizon` items before the train target (n-3-horizon, at least 1),
+  history = the H items before it. An analysis written from this history may only be used to predict
+  the items from the cut-off on: the reward model learns to read analyses on those horizon items, and
+  the train target, on which the rewards are scored, stays out of its training.
 The train sequence (everything before the validation target) is what models train on. Rewards
 and preference pairs use the `train` example only, so a test or validation item never reaches them.
+Every example records `position`, its target's index in the user's sequence.
 
 Each example gets C candidates: the target plus C-1 items the user never interacted with, drawn
 with a generator seeded by (seed, user, split) so they do not depend on processing order, then
@@ -23,7 +28,7 @@ import pyarrow as pa
 from recalign.config import option
 from recalign.data.loaders import DataError, RawData
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test", "cutoff")
 
 
 @dataclass
@@ -32,10 +37,12 @@ class ProtocolConfig:
     num_candidates: int = option(20, "C: the target plus C-1 sampled negatives")
     min_interactions: int = option(5, "users with fewer are dropped (train example needs a history)")
     seed: int = option(0, "seeds candidate sampling")
+    knowledge_horizon: int = option(5, "the cutoff example's target lies this many items before the train target: "
+                                       "the items an analysis written at the cut-off trains the reward model on")
 
     def __post_init__(self) -> None:
-        if self.history_len < 1 or self.num_candidates < 2:
-            raise ValueError("history_len must be >= 1 and num_candidates >= 2")
+        if self.history_len < 1 or self.num_candidates < 2 or self.knowledge_horizon < 1:
+            raise ValueError("history_len and knowledge_horizon must be >= 1 and num_candidates >= 2")
         if self.min_interactions < 4:
             raise ValueError("min_interactions must be >= 4 (train, valid and test targets plus a history)")
 
@@ -55,6 +62,13 @@ def build_tables(raw: RawData, cfg: ProtocolConfig) -> tuple[dict[str, pa.Table]
               "users": _rows_table(user_rows, USER_COLUMNS), "examples": _rows_table(example_rows, EXAMPLE_COLUMNS)}
     return tables, {"dropped_users": dropped_users, "num_users": len(users), "num_items": len(items),
                     "num_interactions": len(inter)}
+
+
+def example_position(length: int, split: str, knowledge_horizon: int) -> int:
+    """Index of a split's target in a user's chronological sequence of `length` items."""
+    if split == "cutoff":
+        return max(1, length - 3 - knowledge_horizon)
+    return length - 3 + SPLITS.index(split)  # train: n-3, valid: n-2, test: n-1
 
 
 def _chronological(raw: RawData, item_idx: dict, cfg: ProtocolConfig) -> tuple[pd.DataFrame, pd.Index, int]:
@@ -86,12 +100,12 @@ def _user_rows(name: str, uidx: int, group: pd.DataFrame, num_items: int, cfg: P
                         f"to draw {cfg.num_candidates - 1} negatives from {num_items}")
     examples = []
     for split_code, split in enumerate(SPLITS):
-        pos = len(seq) - 3 + split_code  # train: -3, valid: -2, test: -1
+        pos = example_position(len(seq), split, cfg.knowledge_horizon)
         start = max(0, pos - cfg.history_len)
         rng = np.random.default_rng([cfg.seed, uidx, split_code])
         candidates, target_index = _candidates(rng, int(seq[pos]), seen, num_items, cfg.num_candidates)
         examples.append((uidx, user_id, split, seq[start:pos], ratings[start:pos], int(seq[pos]), candidates,
-                         target_index))
+                         target_index, pos))
     return (uidx, user_id, seq[:-2], ratings[:-2], len(seq)), examples
 
 
@@ -99,7 +113,7 @@ USER_COLUMNS = {"user_idx": pa.int32(), "user_id": pa.string(), "train_items": p
                 "train_ratings": pa.list_(pa.float32()), "num_interactions": pa.int32()}
 EXAMPLE_COLUMNS = {"user_idx": pa.int32(), "user_id": pa.string(), "split": pa.string(),
                    "history": pa.list_(pa.int32()), "history_ratings": pa.list_(pa.float32()), "target": pa.int32(),
-                   "candidates": pa.list_(pa.int32()), "target_index": pa.int32()}
+                   "candidates": pa.list_(pa.int32()), "target_index": pa.int32(), "position": pa.int32()}
 
 
 def _rows_table(rows: list[tuple], columns: dict[str, pa.DataType]) -> pa.Table:

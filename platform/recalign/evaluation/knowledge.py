@@ -24,6 +24,7 @@ from recalign.prompts import PromptConfig
 from recalign.runs import Log, slug
 from recalign.sampling.engines import Engine, EngineConfig, make_engine
 
+
 @dataclass
 class KnowledgeGenConfig:
     """How evaluation writes each knowledge policy's analyses. The prompt is the one the run sampled with
@@ -53,6 +54,7 @@ class AnalysisWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         adapters = [str(a) or None for a in batch["adapter"]]
+        self.engine.reseed(self.engine.seed)  # no prefix cache from earlier batches: answers depend on the batch
         results = self.engine.generate([str(p) for p in batch["prompt"]], 1, self.max_new_tokens, 0.0, 1.0,
                                        adapters=adapters)
         return {"key": batch["key"],
@@ -145,13 +147,14 @@ def _one_pass(prompts: Sequence[str], adapters: dict[str, str | None], engine_fa
     return {name: [answers[i * len(names) + j] for i in range(len(prompts))] for j, name in enumerate(names)}
 
 
-def knowledge_vectors(answers: dict[str, list[str]], users: np.ndarray, num_users: int,
-                      out_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Embed every policy's analyses in one encoder pass: {policy: ((S, d) vectors, (S,) present)}.
+def knowledge_vectors(answers: dict[str, list[str]], users: np.ndarray, num_users: int, out_dir: str,
+                      encoder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Embed every policy's analyses in one pass of `encoder` (an EncoderConfig: the run's, which the reward
+    model was trained on): {policy: ((S, d) vectors, (S,) present)}.
 
     Each policy's texts go to `<out_dir>/<policy>.parquet` (user_idx, response)."""
     from recalign.recsys.knowledge import knowledge_table
-    from recalign.reward.encoder import EncoderConfig, embed_samples
+    from recalign.reward.encoder import embed_samples
 
     names = list(answers)
     for name in names:
@@ -162,7 +165,7 @@ def knowledge_vectors(answers: dict[str, list[str]], users: np.ndarray, num_user
     table = pa.table({"user_idx": pa.array(np.tile(users, len(names)), pa.int32()),
                       "sample_idx": pa.array(np.repeat(np.arange(len(names)), len(users)), pa.int32()),
                       "response": pa.array([t for name in names for t in answers[name]], pa.string())})
-    knowledge = knowledge_table(embed_samples(table, EncoderConfig()), num_users)
+    knowledge = knowledge_table(embed_samples(table, encoder), num_users)
     out = {}
     for j, name in enumerate(names):
         out[name] = (knowledge.vectors[users, j], knowledge.present[users, j])

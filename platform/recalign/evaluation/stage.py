@@ -22,17 +22,19 @@ import numpy as np
 from recalign import io, metrics
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
+from recalign.evaluation.compare import compare_systems
 from recalign.evaluation.config import FinalEvalConfig
-from recalign.llm.policy import load_policy
+from recalign.llm.policy import load_policy, model_fingerprint
 from recalign.pairs.stage import rerank_prompt
 from recalign.prompts import PromptConfig
 from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
 from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
 from recalign.sampling.engines import EngineConfig
-from recalign.sampling.stage import knowledge_prompt
+from recalign.sampling.stage import knowledge_prompt, sampled_users
 from recalign.systems import baseline_systems, summarise
 
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
+NO_KNOWLEDGE = "ka-sasrec (no knowledge)"
 
 
 @dataclass
@@ -44,13 +46,18 @@ class Policy:
     key: str = ""  # fingerprint of the adapter's stage (cache key)
 
 
-def llm_rows(data: Dataset, split: str, num_users: int, seed: int) -> np.ndarray:
-    """Rows of `split` for the LLM systems: the same seeded user subset as the sampling stage uses."""
+def llm_rows(data: Dataset, split: str, num_users: int, seed: int, exclude: set[int] = frozenset()) -> np.ndarray:
+    """Rows of `split` for the LLM systems: a seeded subset of `num_users` users (0 = all) among those not in
+    `exclude` (the sampled users, whose analyses trained the reward model and the knowledge policies)."""
     from recalign.sampling.pipeline import select_users
 
     examples = data.examples(split)
-    chosen = set(select_users(examples, num_users, seed)["user_idx"].to_pylist())
-    return np.array([i for i, u in enumerate(examples["user_idx"].to_pylist()) if u in chosen], dtype=np.int64)
+    user_idx = examples["user_idx"].to_numpy()
+    eligible = examples.filter(np.isin(user_idx, sorted(exclude), invert=True))
+    if eligible.num_rows == 0:
+        raise ValueError(f"no {split} user is left once the {len(exclude)} sampled users are excluded")
+    chosen = set(select_users(eligible, min(num_users, eligible.num_rows), seed)["user_idx"].to_pylist())
+    return np.array([i for i, u in enumerate(user_idx.tolist()) if u in chosen], dtype=np.int64)
 
 
 def _system_uri(run: RunSpec, name: str) -> str:
@@ -123,8 +130,11 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     split = data.split(cfg.eval.split)
     names = cfg.eval.metrics
     all_rows = np.arange(len(split))
-    sub = llm_rows(data, cfg.eval.split, cfg.llm_users, cfg.subset_seed)
+    sampled = sampled_users(run)
+    sub = llm_rows(data, cfg.eval.split, cfg.llm_users, cfg.subset_seed, sampled)
     base_key = fingerprint({"data": fingerprint_of(run.dir("data")), "eval": to_dict(cfg.eval)})
+    has_ka = io.exists(io.join(run.dir("reward_model", "ka"), "model.pt"))
+    keys = llm_system_keys(run, cfg, model_path, sub, base_key, llm_policies, knowledge_policies if has_ka else None)
     results: dict[str, dict] = {}
 
     for name, scores in baseline_systems(data, split, cfg.eval.seed).items():
@@ -134,41 +144,71 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     results["sasrec"] = _cached(run, "sasrec", sasrec_key, lambda: _metric_rows(
         sasrec_scores(run, split), split.target_index, all_rows, names), log)
 
-    if io.exists(io.join(run.dir("reward_model", "ka"), "model.pt")):
+    if has_ka:
         results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies,
-                                          engine or EngineConfig(), base_key, log))
+                                          engine or EngineConfig(), keys, log))
     prompt = rerank_prompt(run) if llm_policies else None
     for policy in llm_policies:
-        key = fingerprint([base_key, policy.key, to_dict(cfg.rerank), to_dict(prompt), sub.tolist()])
-        results[policy.name] = _cached(run, policy.name, key, lambda p=policy: _llm_system(
+        results[policy.name] = _cached(run, policy.name, keys[policy.name], lambda p=policy: _llm_system(
             data, cfg, prompt, split, sub, model_path, p), log)
 
     per_example = {n: {m: np.asarray(v) for m, v in r["metrics"].items()} for n, r in results.items()}
     rows = {n: np.asarray(r["rows"]) for n, r in results.items()}
-    notes = {n: f"{len(rows[n])} of {len(split)} users" for n in results if len(rows[n]) < len(split)}
+    notes = {n: f"{len(rows[n])} of {len(split)} users, none sampled" for n in results if len(rows[n]) < len(split)}
     summary = summarise(per_example, cfg.eval, rows, notes)
     for n, r in results.items():
         if "free_generation" in r:
             summary["systems"][n]["free_generation"] = r["free_generation"]
+    summary["llm_users"] = {"rows": int(len(sub)), "excluded_sampled_users": len(sampled)}
+    summary["comparisons"] = compare_systems(per_example, rows, cfg.eval)
     table = write_report(summary, run.dir("eval"), f"Test-split results on {data.meta['name']}")
     plot_systems(summary, run.dir("eval", "metrics.png"))
     return {"table": table}
 
 
-def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, base_key, log) -> dict:
+def llm_system_keys(run: RunSpec, cfg: FinalEvalConfig, model_path: str, sub: np.ndarray, base_key: str,
+                    llm_policies: list[Policy], knowledge_policies: list[Policy] | None) -> dict[str, str]:
+    """The cache key of every LLM-based system (and KA-SASRec's), by table name: a fingerprint of all its
+    result depends on. Re-rankers: data, evaluation settings, the base model's files, the user subset, the
+    adapter, the scorer and the re-rank prompt. Knowledge systems (knowledge_policies not None): the reward
+    model, the same LLM inputs, the knowledge prompt, the generation settings and the encoder the reward
+    model read its analyses through (a changed encoder would feed it vectors from another space)."""
+    from recalign.reward.stage import encoder_of
+
+    llm_key = fingerprint([base_key, model_fingerprint(model_path), sub.tolist()]) if model_path else base_key
+    keys: dict[str, str] = {}
+    if llm_policies:
+        prompt = to_dict(rerank_prompt(run))
+        for policy in llm_policies:
+            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), prompt])
+    if knowledge_policies is not None:
+        ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])
+        keys[NO_KNOWLEDGE] = ka_key
+        encoder = encoder_of(run)
+        gen = {"max_new_tokens": cfg.knowledge.max_new_tokens, "prompt": to_dict(knowledge_prompt(run)),
+               "encoder": to_dict(encoder), "encoder_files": model_fingerprint(encoder.model_path)}
+        for policy in knowledge_policies:
+            keys[knowledge_system(policy)] = fingerprint([ka_key, llm_key, policy.key, gen])
+    return keys
+
+
+def knowledge_system(policy: Policy) -> str:
+    return f"ka-sasrec + {policy.name} knowledge"
+
+
+def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine, keys, log) -> dict:
     from recalign.evaluation.knowledge import generate_analyses, knowledge_prompts, knowledge_vectors
     from recalign.recsys.ka_train import load_ka_model, score_with_knowledge
+    from recalign.reward.stage import encoder_of
 
-    ka_dir = run.dir("reward_model", "ka")
-    ka = load_ka_model(ka_dir)
-    ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])
-    out = {"ka-sasrec (no knowledge)": _cached(run, "ka-sasrec (no knowledge)", ka_key, lambda: _metric_rows(
+    ka = load_ka_model(run.dir("reward_model", "ka"))
+    out = {NO_KNOWLEDGE: _cached(run, NO_KNOWLEDGE, keys[NO_KNOWLEDGE], lambda: _metric_rows(
         score_with_knowledge(ka, split.history, split.candidates, None, None), split.target_index,
         np.arange(len(split)), cfg.eval.metrics), log)}
-    names = {p.name: f"ka-sasrec + {p.name} knowledge" for p in policies}
+    names = {p.name: knowledge_system(p) for p in policies}
+    keys = {p.name: keys[names[p.name]] for p in policies}
     prompt = knowledge_prompt(run)
-    gen = {"max_new_tokens": cfg.knowledge.max_new_tokens, "prompt": to_dict(prompt)}
-    keys = {p.name: fingerprint([ka_key, p.key, gen, sub.tolist()]) for p in policies}
+    encoder = encoder_of(run)  # the encoder the reward model read its analyses through
     todo = [p for p in policies if not _is_cached(run, names[p.name], keys[p.name])]
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if todo:  # every policy that lacks results, in one generation pass and one encoder pass
@@ -177,7 +217,7 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine,
         prompts = knowledge_prompts(run.dir("data"), cfg.eval.split, users, model_path, prompt)
         answers = generate_analyses(prompts, {p.name: p.adapter for p in todo}, model_path, engine,
                                     cfg.knowledge, log)
-        vectors = knowledge_vectors(answers, users, data.num_users, run.dir("eval", "knowledge"))
+        vectors = knowledge_vectors(answers, users, data.num_users, run.dir("eval", "knowledge"), encoder)
     for policy in policies:
         def compute(p=policy) -> dict:
             scores = score_with_knowledge(ka, split.history[sub], split.candidates[sub], *vectors[p.name])

@@ -1,11 +1,16 @@
 """Preference data for alignment, one schema for both paths (pairs/<path>.parquet).
 
 - knowledge (RLRF4Rec / DPO4Rec): prompt = the sampling prompt; chosen = the best-rewarded analysis,
-  rejected = the K worst, worst first. Users whose best-minus-worst reward is below `margin` are
-  dropped (and counted): a tie carries no preference.
+  rejected = up to K of the others, worst first, each at least `margin` below the chosen (a sample
+  within the margin of the best is no worse than it, so it is never a rejected). A user with no
+  sample that far below the best is dropped (and counted): a tie carries no preference. Rows may so
+  hold fewer than K rejected; the trainer batches them with the missing ones masked out of the loss.
 - rerank (DMPO / S-DPO): prompt = history + lettered candidates of the user's `train` example;
-  chosen = the target's letter and title; rejected = K other candidates, random or hard (the ones
-  SASRec scores highest, hardest first). Rewards are unknown there (null).
+  chosen = the target's letter; rejected = K other candidates' letters, random or hard (the ones
+  SASRec scores highest, hardest first). The completions are the letters alone, because the
+  re-ranker scores a candidate by its letter's logit at the answer position: training on
+  "C. Title (1995)" would let the losses move P(title | letter) without moving a letter logit.
+  Rewards are unknown there (null).
 
 Only `train` examples are used, so a validation or test item never becomes a pair.
 """
@@ -35,8 +40,9 @@ PAIRS_SCHEMA = pa.schema([
 @dataclass
 class PairsConfig:
     paths: list[str] = option(factory=lambda: list(PATHS), help="which pair sets to build")
-    num_negatives: int = option(3, "K rejected completions per prompt; 1 gives plain DPO pairs")
-    margin: float = option(1e-3, "knowledge path: keep a user only if best - worst reward >= margin")
+    num_negatives: int = option(3, "K: at most this many rejected completions per prompt; 1 gives plain DPO pairs")
+    margin: float = option(0.01, "knowledge path: every rejected analysis lies at least this far below the chosen "
+                                 "one, in the reward's unit (rewards.kind: nats for logp)")
     negatives: Literal["random", "hard"] = option("hard", "rerank path: random candidates or SASRec's top-scored ones")
     seed: int = option(0, "random negatives")
     model: str = option("smollm2", "policy model (name or HF folder) whose chat template renders rerank prompts")
@@ -69,26 +75,22 @@ def knowledge_pairs(samples: pa.Table, rewards: pa.Table, cfg: PairsConfig) -> t
                          f"{sorted(set(frame['split']) - {PAIRS_SPLIT})}")
     k = cfg.num_negatives
     rows: list[tuple] = []
-    counts = {"users": 0, "kept": 0, "dropped_margin": 0, "dropped_too_few_samples": 0, "dropped_duplicate_text": 0,
-              "rows_with_rejected_within_margin": 0}
+    counts = {"users": 0, "kept": 0, "dropped_margin": 0, "dropped_duplicate_text": 0, "rows_with_fewer_than_k": 0,
+              "rejected": 0}
     for user, group in frame.groupby("user_idx", sort=True):
         counts["users"] += 1
         ordered = group.sort_values(["reward", "sample_idx"], ascending=[False, True], kind="stable")
         best = ordered.iloc[0]
-        if len(ordered) < k + 1:
-            counts["dropped_too_few_samples"] += 1
-            continue
         # Lowest rewards first; a text identical to the chosen one (or to a worse one) cannot be a distinct negative.
         pool = ordered.iloc[1:].sort_values(["reward", "sample_idx"], kind="stable")
-        pool = pool[pool["response"] != best["response"]].drop_duplicates("response")
-        if len(pool) < k:
-            counts["dropped_duplicate_text"] += 1
+        distinct = pool[pool["response"] != best["response"]].drop_duplicates("response")
+        below = distinct[distinct["reward"] <= best["reward"] - cfg.margin]
+        if below.empty:
+            counts["dropped_duplicate_text" if distinct.empty and len(pool) else "dropped_margin"] += 1
             continue
-        worst = pool.iloc[:k]  # K lowest rewards, worst first
-        if best["reward"] - worst["reward"].iloc[0] < cfg.margin:
-            counts["dropped_margin"] += 1
-            continue
-        counts["rows_with_rejected_within_margin"] += int((best["reward"] - worst["reward"] < cfg.margin).any())
+        worst = below.iloc[:k]  # up to K, worst first, every one at least `margin` below the chosen
+        counts["rows_with_fewer_than_k"] += int(len(worst) < k)
+        counts["rejected"] += len(worst)
         rows.append((int(user), "knowledge", best["prompt"], best["response"], list(worst["response"]),
                      float(best["reward"]), [float(r) for r in worst["reward"]]))
         counts["kept"] += 1
@@ -120,8 +122,8 @@ def rerank_pairs(data: Dataset, tokenizer, cfg: PairsConfig, sasrec_scores: np.n
         candidates = split.candidates[row]
         messages = rerank_messages(items, split.history[row], split.history_ratings[row], candidates, cfg.prompt)
         rows.append((int(split.user_idx[row]), "rerank", render(tokenizer, messages),
-                     rerank_answer(items, candidates, target),
-                     [rerank_answer(items, candidates, int(p)) for p in positions[row]], None, None))
+                     rerank_answer(target),
+                     [rerank_answer(int(p)) for p in positions[row]], None, None))
     return _table(rows), {"users": len(split), "kept": len(rows), "skipped_no_target": skipped,
                           "negatives": cfg.negatives}
 
@@ -150,12 +152,18 @@ def _table(rows: list[tuple]) -> pa.Table:
                      for name, col in zip(PAIRS_SCHEMA.names, columns)}, schema=PAIRS_SCHEMA)
 
 
-def validate_pairs(table: pa.Table, where: str = "pairs") -> None:
-    """Raise if a pairs table breaks the shared schema: columns, equal K, chosen never among rejected."""
+def validate_pairs(table: pa.Table, where: str = "pairs", margin: float | None = None) -> None:
+    """Raise if a pairs table breaks the shared schema: columns, 1..K rejected per row, chosen never among
+    rejected, and (with `margin`) every rejected reward at least `margin` below the chosen one."""
     if table.schema.names != PAIRS_SCHEMA.names:
         raise ValueError(f"{where}: columns {table.schema.names}, expected {PAIRS_SCHEMA.names}")
-    for i, (chosen, rejected) in enumerate(zip(table["chosen"].to_pylist(), table["rejected"].to_pylist())):
-        if not rejected or len(rejected) != len(table["rejected"][0].as_py()):
-            raise ValueError(f"{where}: row {i}: rejected has {len(rejected or [])} completions, rows must share K")
+    rows = zip(table["chosen"].to_pylist(), table["rejected"].to_pylist(), table["chosen_reward"].to_pylist(),
+               table["rejected_rewards"].to_pylist())
+    for i, (chosen, rejected, chosen_reward, rejected_rewards) in enumerate(rows):
+        if not rejected:
+            raise ValueError(f"{where}: row {i}: no rejected completion")
         if chosen in rejected:
             raise ValueError(f"{where}: row {i}: chosen text is also rejected")
+        if margin is not None and chosen_reward is not None and any(
+                chosen_reward - r < margin - 1e-12 for r in rejected_rewards or []):
+            raise ValueError(f"{where}: row {i}: a rejected reward lies within {margin:g} of the chosen one")

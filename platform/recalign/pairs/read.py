@@ -23,17 +23,19 @@ class PreferenceExample:
     path: str
     prompt: str
     chosen: str
-    rejected: list[str]  # the first num_negatives of the file's list (most-rejected first)
+    rejected: list[str]  # up to num_negatives of the file's list (most-rejected first), at least one
 
 
 def load_pairs(uris: list[str], num_negatives: int, max_examples: int = 0, seed: int = 0) -> list[PreferenceExample]:
-    """Every row of the pairs files, keeping each row's first `num_negatives` rejected completions.
+    """Every row of the pairs files, keeping up to each row's first `num_negatives` rejected completions.
 
-    max_examples > 0 keeps a seeded random subset of that many rows (in file order), after every
-    row was checked, so the subset of a larger file never hides a bad row.
+    A row may hold fewer (the knowledge path keeps only negatives a margin below the chosen one): the
+    trainer pads its batch and masks the missing ones out of the loss. max_examples > 0 keeps a seeded
+    random subset of that many rows (in file order), after every row was checked, so the subset of a
+    larger file never hides a bad row.
 
-    A row with fewer rejected completions, an empty prompt or a null field is an error naming the
-    file, the row and the user, never silently dropped: K must hold for every example.
+    A row without a rejected completion, an empty prompt or a null field is an error naming the file,
+    the row and the user, never silently dropped.
     """
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
@@ -51,9 +53,8 @@ def load_pairs(uris: list[str], num_negatives: int, max_examples: int = 0, seed:
             if not isinstance(row["chosen"], str):
                 raise ValueError(f"{where}: chosen is null")
             rejected = row["rejected"] or []
-            if len(rejected) < num_negatives:
-                raise ValueError(f"{where}: {len(rejected)} rejected completion(s), num_negatives={num_negatives} "
-                                 "needs at least that many; lower num_negatives or rebuild the pairs")
+            if not rejected:
+                raise ValueError(f"{where}: no rejected completion")
             if any(not isinstance(r, str) for r in rejected[:num_negatives]):
                 raise ValueError(f"{where}: a rejected completion is null")
             examples.append(PreferenceExample(int(row["user_idx"]), str(row["path"]), row["prompt"], row["chosen"],

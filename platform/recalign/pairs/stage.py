@@ -39,11 +39,12 @@ def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = 
                 io.delete(io.join(out_dir, f"{path}.parquet"))  # never leave a stale set beside fresh ones
                 continue
             table, counts = _build_path(run, cfg, path, model_path)
-            validate_pairs(table, f"pairs/{path}")
+            validate_pairs(table, f"pairs/{path}", cfg.margin if path == "knowledge" else None)
             io.write_parquet(table, io.join(out_dir, f"{path}.parquet"))
             summary[path] = counts
-            log(f"[pairs] {path}: {counts['kept']} pairs of {counts['users']} users, K={cfg.num_negatives} "
-                + (f"({counts['dropped_margin']} dropped by margin {cfg.margin:g})" if path == "knowledge"
+            log(f"[pairs] {path}: {counts['kept']} pairs of {counts['users']} users, K<={cfg.num_negatives} "
+                + (f"({counts['dropped_margin']} users dropped: no analysis {cfg.margin:g} below their best; "
+                   f"{counts['rows_with_fewer_than_k']} rows with fewer than K)" if path == "knowledge"
                    else f"({cfg.negatives} negatives)"))
         io.write_json(summary, io.join(out_dir, "summary.json"))
         io.write_json({**to_dict(cfg), "model_path": model_path}, io.join(out_dir, "config.json"))

@@ -59,9 +59,11 @@ class KASASRec(nn.Module):
         return self.sasrec.item_emb
 
     def fuse(self, states: torch.Tensor, knowledge: torch.Tensor | None, present: torch.Tensor | None) -> torch.Tensor:
-        """states (B, L, d) or (B, d); knowledge (B, d_k) text embeddings; present (B,) bool.
+        """states (B, L, d) or (B, d); knowledge (B, d_k) text embeddings; present (B,) bool, or (B, L) for
+        (B, L, d) states: which positions may read the knowledge (an analysis only informs the predictions
+        of items after the history it was written from).
 
-        Returns states of the same shape with the gated knowledge added; rows with present = False
+        Returns states of the same shape with the gated knowledge added; positions with present = False
         (or knowledge None) come back unchanged.
         """
         if knowledge is None:
@@ -69,10 +71,15 @@ class KASASRec(nn.Module):
         if knowledge.shape != (states.shape[0], self.knowledge_dim):
             raise ValueError(f"knowledge must be (B, {self.knowledge_dim}), got {tuple(knowledge.shape)}")
         if present is None:
-            present = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-        k = self.adaptor(knowledge.to(states.dtype)) * present.to(states.dtype).unsqueeze(-1)  # (B, d)
+            present = torch.ones(states.shape[:-1], dtype=torch.bool, device=states.device)
+        k = self.adaptor(knowledge.to(states.dtype))  # (B, d)
         if states.dim() == 3:
-            k = k.unsqueeze(1).expand_as(states)  # (B, L, d): one user-level vector for every position
+            k = k.unsqueeze(1).expand_as(states)  # (B, L, d): the user's vector, masked per position below
+            if present.dim() == 1:
+                present = present.unsqueeze(1).expand(states.shape[:2])
+        if present.shape != states.shape[:-1]:
+            raise ValueError(f"present must be {tuple(states.shape[:-1])} or (B,), got {tuple(present.shape)}")
+        k = k * present.to(states.dtype).unsqueeze(-1)
         g = torch.sigmoid(self.gate(torch.cat([states, k], dim=-1)))
         return states + g * k
 
@@ -80,6 +87,13 @@ class KASASRec(nn.Module):
                present: torch.Tensor | None = None) -> torch.Tensor:
         """history (B, L) left-padded -> user representation (B, d) at the last position, with knowledge."""
         return self.fuse(self.sasrec.encode(history), knowledge, present)
+
+    def catalogue_logp(self, history: torch.Tensor, knowledge: torch.Tensor | None = None,
+                       present: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N + 1) log-probabilities of every item being next (column 0, padding, is -inf)."""
+        logits = self.sasrec.score_all(self.encode(history, knowledge, present))
+        logits[:, 0] = float("-inf")
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def forward(self, history: torch.Tensor, candidates: torch.Tensor | None = None,
                 knowledge: torch.Tensor | None = None, present: torch.Tensor | None = None) -> torch.Tensor:

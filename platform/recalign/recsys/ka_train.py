@@ -5,15 +5,19 @@ checkpoint with the best-so-far weights every epoch, resume, early stopping), wi
 
 - Training data = each user's train sequence minus its last item. That item is the `train`
   example's target, on which the rewards are computed, so a reward is always an out-of-sample
-  prediction: the model never learned to predict that target from that text. Validation and test
-  targets are not in train sequences at all.
-- Every epoch each user is fed one of their sampled analyses, drawn at random (same draw on every
-  worker), so the model learns to read knowledge rather than memorise one text per user. A share
-  `knowledge_dropout` of rows gets no knowledge, which keeps the no-text path working.
-- Validation (early stopping) feeds each user the mean of their sample embeddings, re-normalised:
-  one deterministic vector per user that no single sample dominates. NDCG@10 without knowledge is
-  reported alongside.
-- `use_knowledge=False` trains the plain-SASRec control on exactly the same windows and seeds.
+  prediction. Validation and test targets are not in train sequences at all.
+- Knowledge is fused only where it is known. An analysis written from the history that ends before
+  position p describes the items before p, so it may only inform predictions of items at p or later.
+  Training reads the `cutoff` analyses (written at the cutoff example, `knowledge_horizon` items
+  before the train target) at the positions predicting those horizon items, and nowhere else: a
+  position whose target the analysis's prompt listed never sees it. The rewarded `train` analyses
+  are written one item before the train target, so training never reads them at all.
+- Every epoch each user is fed one of their cutoff analyses, drawn at random (same draw on every
+  worker). A share `knowledge_dropout` of windows gets no knowledge, which keeps the no-text path working.
+- Validation (early stopping) scores the validation target of the users who have an analysis (it lies
+  after every cut-off), fed the mean of their rewarded analyses (or of their cutoff ones), and NDCG@10
+  of the same rows without knowledge alongside: the epoch is chosen on rows that read knowledge.
+- `use_knowledge=False` trains the plain-SASRec control on exactly the same windows, seeds and rows.
 """
 
 from __future__ import annotations
@@ -38,30 +42,34 @@ class KAJobSpec:
     """What one KA-SASRec fit needs; passed to every worker."""
 
     data_dir: str  # prepared dataset
-    embeddings_path: str  # embeddings.parquet (user_idx, sample_idx, embedding)
+    embeddings_dir: str  # embeddings/<set>.parquet (user_idx, sample_idx, embedding) of the train and cutoff sets
     model: SASRecConfig = field(default_factory=SASRecConfig)
     ka: KAConfig = field(default_factory=KAConfig)
     train: SeqTrainConfig = field(default_factory=SeqTrainConfig)
     use_knowledge: bool = True  # False: the plain-SASRec control, knowledge never fed
 
 
-def knowledge_windows(sequences: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def knowledge_windows(sequences: list[np.ndarray], max_len: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-item windows over each train sequence minus its last item (the reward target).
 
-    Returns inputs, targets (W, max_len) as `make_windows` does, and owners (W,): the user_idx of each window.
+    Returns inputs, targets (W, max_len) as `make_windows` does, owners (W,): the user_idx of each window,
+    and target_positions (W, max_len): the index in the user's sequence of each target, -1 on padding.
     """
-    inputs, targets, owners = [], [], []
+    inputs, targets, owners, positions = [], [], [], []
     for user, seq in enumerate(sequences):
         held_in = np.asarray(seq)[:-1]
         if len(held_in) < 2:
             continue  # nothing to predict once the reward target is held out
         x, y = make_windows([held_in], max_len)
+        _, at = make_windows([np.arange(1, len(held_in) + 1)], max_len)  # the same windows over positions + 1
         inputs.append(x)
         targets.append(y)
         owners.append(torch.full((len(x),), user, dtype=torch.long))
+        positions.append(at - 1)
     if not inputs:
         raise ValueError("no user has >= 3 train items; nothing to train KA-SASRec on")
-    return torch.cat(inputs), torch.cat(targets), torch.cat(owners)
+    return torch.cat(inputs), torch.cat(targets), torch.cat(owners), torch.cat(positions)
 
 
 def pick_samples(present: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -75,15 +83,22 @@ def pick_samples(present: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return np.where(present.any(axis=1), picks, -1)
 
 
-def batch_knowledge(table: KnowledgeTable, picks: np.ndarray, owners: torch.Tensor, dropout: float,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Knowledge (B, d_k) and present (B,) for a batch of windows owned by `owners` (B,)."""
+def batch_knowledge(table: KnowledgeTable, picks: np.ndarray, owners: torch.Tensor, target_positions: torch.Tensor,
+                    cutoff: np.ndarray, dropout: float, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knowledge (B, d_k) and present (B, L) for a batch of windows owned by `owners` (B,).
+
+    target_positions (B, L): each position's target index in its user's sequence (-1 padding); cutoff (U,):
+    the index of each user's first item after the history their analysis was written from. A position reads
+    the analysis only if its target lies at or after that cut-off; dropout removes whole windows.
+    """
     users = owners.numpy()
     sample = picks[users]  # (B,)
     vectors = torch.from_numpy(table.vectors[users, np.maximum(sample, 0)])  # (B, d_k)
-    present = torch.from_numpy(sample >= 0)
+    after = target_positions >= torch.from_numpy(cutoff[users]).unsqueeze(1)  # (B, L)
+    present = after & (target_positions >= 0) & torch.from_numpy(sample >= 0).unsqueeze(1)
     if dropout > 0:
-        present = present & (torch.rand(len(users), generator=generator) >= dropout)
+        present = present & (torch.rand(len(users), generator=generator) >= dropout).unsqueeze(1)
     return vectors, present
 
 
@@ -105,14 +120,43 @@ def score_with_knowledge(model: KASASRec, history: np.ndarray, candidates: np.nd
     return torch.cat(out).numpy() if out else np.zeros((0, candidates.shape[1]), dtype=np.float32)
 
 
-def load_knowledge(spec: KAJobSpec, num_users: int) -> KnowledgeTable:
-    return knowledge_table(io.read_parquet(spec.embeddings_path), num_users)
+@torch.no_grad()
+def catalogue_logp(model: KASASRec, history: np.ndarray, target: np.ndarray, knowledge: np.ndarray | None,
+                   batch_size: int = 512) -> np.ndarray:
+    """(B,) log-probability of each row's target item (B,) over the whole catalogue, given histories (B, H) and
+    knowledge (B, d_k) (None: the no-knowledge path)."""
+    model.eval()
+    out = []
+    for start in range(0, len(history), batch_size):
+        end = start + batch_size
+        k = None if knowledge is None else torch.as_tensor(knowledge[start:end])
+        logp = model.catalogue_logp(torch.as_tensor(history[start:end]), k)
+        out.append(logp.gather(1, torch.as_tensor(target[start:end]).unsqueeze(1)).squeeze(1).double())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def load_knowledge(spec: KAJobSpec, num_users: int, split: str) -> KnowledgeTable:
+    """The `split` set's analyses as a KnowledgeTable (an empty one, no sample present, when the run has none)."""
+    uri = io.join(spec.embeddings_dir, f"{split}.parquet")
+    if io.exists(uri):
+        return knowledge_table(io.read_parquet(uri), num_users)
+    other = io.join(spec.embeddings_dir, "train.parquet")
+    dim = len(io.read_parquet(other)["embedding"][0].as_py()) if io.exists(other) else 1
+    return KnowledgeTable(np.zeros((num_users, 1, dim), np.float32), np.zeros((num_users, 1), bool))
+
+
+def validation_knowledge(rewarded: KnowledgeTable, cutoff: KnowledgeTable) -> tuple[np.ndarray, np.ndarray]:
+    """(U, d) and (U,): each user's mean rewarded analysis, or mean cutoff analysis when they have none."""
+    has_rewarded = rewarded.present.any(axis=1)
+    vectors = np.where(has_rewarded[:, None], rewarded.mean(), cutoff.mean())
+    return vectors.astype(np.float32), has_rewarded | cutoff.present.any(axis=1)
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop. config: {"spec": KAJobSpec, "on_epoch_end"?, "on_batch"?, "local_checkpoint_dir"?}.
 
-    `on_batch(inputs, targets, owners)` sees every training batch (tests use it as a leakage probe).
+    `on_batch(inputs, targets, owners, present)` sees every training batch and where it read knowledge (tests use
+    it as a leakage probe).
     """
     import ray.train
     import ray.train.torch
@@ -129,14 +173,19 @@ def train_loop(config: dict[str, Any]) -> None:
     dropout_rng = torch.Generator()
 
     data = Dataset(spec.data_dir)
-    knowledge = load_knowledge(spec, data.num_users)
-    inputs, targets, owners = knowledge_windows(data.train_sequences(), spec.model.max_len)
-    loader = DataLoader(TensorDataset(inputs, targets, owners), batch_size=spec.train.train_batch_size, shuffle=True)
+    knowledge = load_knowledge(spec, data.num_users, "cutoff")
+    cutoff = np.zeros(data.num_users, dtype=np.int64)
+    cutoff[data.split("cutoff").user_idx] = data.split("cutoff").position
+    inputs, targets, owners, positions = knowledge_windows(data.train_sequences(), spec.model.max_len)
+    loader = DataLoader(TensorDataset(inputs, targets, owners, positions), batch_size=spec.train.train_batch_size,
+                        shuffle=True)
     loader = ray.train.torch.prepare_data_loader(loader)
     valid = data.split("valid")
-    shard = np.arange(rank, len(valid), world)  # each worker validates its own rows
-    valid_knowledge = knowledge.mean()[valid.user_idx[shard]]
-    valid_present = knowledge.present.any(axis=1)[valid.user_idx[shard]] & spec.use_knowledge
+    valid_vectors, has_knowledge = validation_knowledge(load_knowledge(spec, data.num_users, "train"), knowledge)
+    rows = np.nonzero(has_knowledge[valid.user_idx])[0] if has_knowledge.any() else np.arange(len(valid))
+    shard = rows[rank::world]  # each worker validates its own rows, all of them users with knowledge
+    valid_knowledge = valid_vectors[valid.user_idx[shard]]
+    valid_present = has_knowledge[valid.user_idx[shard]] & spec.use_knowledge
     model, core, optimizer, state = prepare_training(KASASRec(data.num_items, spec.model, spec.ka, knowledge.dim),
                                                      spec.train)
     resumed_from = state["epoch"]
@@ -148,10 +197,11 @@ def train_loop(config: dict[str, Any]) -> None:
         dropout = spec.ka.knowledge_dropout if spec.use_knowledge else 1.0
         model.train()
         losses = []
-        for batch_in, batch_out, batch_owner in loader:
+        for batch_in, batch_out, batch_owner, batch_positions in loader:
+            vectors, present = batch_knowledge(knowledge, picks, batch_owner.cpu(), batch_positions.cpu(), cutoff,
+                                               dropout, dropout_rng)
             if on_batch is not None:
-                on_batch(batch_in, batch_out, batch_owner)
-            vectors, present = batch_knowledge(knowledge, picks, batch_owner.cpu(), dropout, dropout_rng)
+                on_batch(batch_in, batch_out, batch_owner, present)
             states = model(batch_in, None, vectors.to(batch_in.device), present.to(batch_in.device))
             loss = next_item_loss(states, core.item_emb.weight, batch_out)
             optimizer.zero_grad(set_to_none=True)
@@ -169,7 +219,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _validate(core: KASASRec, valid, shard: np.ndarray, knowledge: np.ndarray, present: np.ndarray,
               batch_size: int) -> dict[str, float]:
-    """Sharded, all-reduced validation NDCG@10 / HR@10 with the mean knowledge, and NDCG@10 without."""
+    """Sharded, all-reduced validation NDCG@10 / HR@10 with the mean knowledge, and NDCG@10 without, on the
+    validation rows of the users with knowledge."""
     history, candidates, target = valid.history[shard], valid.candidates[shard], valid.target_index[shard]
     with_k = score_with_knowledge(core, history, candidates, knowledge, present, batch_size)
     without = score_with_knowledge(core, history, candidates, None, None, batch_size)

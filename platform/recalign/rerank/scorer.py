@@ -120,9 +120,10 @@ def free_generation_metrics(answers: list[str], target_index: np.ndarray, num_ca
     parsed = [prompts.parse_letter(a, num_candidates) for a in answers]
     valid = np.array([p is not None for p in parsed])
     hit = np.array([p is not None and p == t for p, t in zip(parsed, target_index)])
+    # HR@1 over valid rows is undefined when no answer is valid: NaN (shown as "-"), not 0.
     return {"valid_ratio": float(valid.mean()) if len(valid) else 0.0,
             "hr@1_all_rows": float(hit.mean()) if len(hit) else 0.0,
-            "hr@1_valid_rows": float(hit[valid].mean()) if valid.any() else 0.0}
+            "hr@1_valid_rows": float(hit[valid].mean()) if valid.any() else float("nan")}
 
 
 def score_rows_with_ray(prompts_by_row: dict[int, str], loader: Callable[[], tuple[Any, Any]],

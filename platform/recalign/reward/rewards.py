@@ -5,9 +5,14 @@ it, the same history the knowledge prompt showed). KA-SASRec was trained on each
 minus that item, so the reward is an out-of-sample prediction; validation and test items are
 never read here (the split is fixed to "train" inside, not passed in).
 
-reward = NDCG@10 of the target + tie_break * p(target), where p is the softmax of the candidate
-scores. `tie_break` is below the smallest gap between NDCG@10 values of adjacent ranks, so
-sorting by reward sorts by NDCG@10 first and only breaks its ties by the smooth log-probability.
+Two rewards, `kind` choosing which one the pairs are built from (both are always recorded):
+- `logp` (default): the log-probability of the target over the whole catalogue. Continuous, so the N
+  analyses of a user almost never tie, and a gap in it is a gap in how likely the model finds the item.
+- `ndcg10`: NDCG@10 of the target among its 20 candidates + tie_break * p(target), p the softmax of the
+  candidate scores. `tie_break` is below the smallest gap between NDCG@10 values of adjacent ranks, so
+  sorting by it sorts by NDCG@10 first. NDCG@10 of one target among 20 saturates: most users' analyses
+  tie, and the tie-break separates them by little.
+The summary reports, for each kind, how many users have analyses that differ by a usable margin.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from recalign import metrics
 from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.recsys.ka_sasrec import KASASRec
-from recalign.recsys.ka_train import score_with_knowledge
+from recalign.recsys.ka_train import catalogue_logp, score_with_knowledge
 from recalign.recsys.knowledge import KnowledgeTable
 
 REWARD_K = 10
@@ -33,17 +38,27 @@ REWARD_SPLIT = "train"
 
 REWARDS_SCHEMA = pa.schema([
     ("user_idx", pa.int32()), ("sample_idx", pa.int32()), ("target", pa.int32()), ("target_index", pa.int32()),
-    ("target_rank", pa.int32()), ("ndcg10", pa.float64()), ("logp_target", pa.float64()), ("reward", pa.float64()),
+    ("target_rank", pa.int32()), ("ndcg10", pa.float64()), ("logp_target", pa.float64()),
+    ("logp_catalogue", pa.float64()), ("reward", pa.float64()),
     ("ndcg10_no_knowledge", pa.float64()), ("logp_target_no_knowledge", pa.float64()),
+    ("logp_catalogue_no_knowledge", pa.float64()),
 ])
+KINDS = ("logp", "ndcg10")
+# Margins at which the summary counts the users whose best and worst analyses differ, per reward kind.
+MARGINS = {"logp": (1e-3, 1e-2, 0.05, 0.1, 0.3), "ndcg10": (1e-4, 1e-3, 1e-2, 0.1, 0.3)}
 
 
 @dataclass
 class RewardConfig:
-    tie_break: float = option(0.01, "weight of p(target) added to NDCG@10; must stay below 0.01197 (adjacent-rank gap)")
+    kind: str = option("logp", "the reward pairs are built from: logp (log-probability of the target over the whole "
+                               "catalogue) | ndcg10 (NDCG@10 among the candidates + tie-break)")
+    tie_break: float = option(0.01, "ndcg10: weight of p(target) added to NDCG@10; must stay below 0.01197 (the "
+                                    "adjacent-rank gap)")
     batch_size: int = option(512, "rows scored per forward pass")
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not 0.0 <= self.tie_break < MIN_NDCG_GAP:
             raise ValueError(f"tie_break must be in [0, {MIN_NDCG_GAP:.5f}) so it only breaks NDCG@10 ties, "
                              f"got {self.tie_break}")
@@ -61,8 +76,8 @@ def combine(ndcg10: np.ndarray, logp_target: np.ndarray, tie_break: float) -> np
 
 
 def compute_rewards(model: KASASRec, data: Dataset, knowledge: KnowledgeTable, cfg: RewardConfig) -> pa.Table:
-    """One row per (user, present sample): the KA model ranks the user's `train` candidates fed that
-    sample's embedding. Also scores each user once without knowledge, for reference."""
+    """One row per (user, present sample): the KA model scores the user's `train` target fed that sample's
+    embedding, among the candidates and over the whole catalogue. Also scores each user once without knowledge."""
     split = data.split(REWARD_SPLIT)
     if np.any(split.target_index < 0):
         raise ValueError(f"{data.data_dir}: train examples without their target among the candidates")
@@ -73,45 +88,55 @@ def compute_rewards(model: KASASRec, data: Dataset, knowledge: KnowledgeTable, c
     if np.any(rows < 0):
         raise ValueError(f"embeddings for users without a train example: {sorted(set(users[rows < 0].tolist()))[:5]}")
     history, candidates, target = split.history[rows], split.candidates[rows], split.target_index[rows]
+    vectors = knowledge.vectors[users, samples]
 
-    scores = score_with_knowledge(model, history, candidates, knowledge.vectors[users, samples],
-                                  np.ones(len(rows), dtype=bool), cfg.batch_size)  # (R, C)
+    scores = score_with_knowledge(model, history, candidates, vectors, np.ones(len(rows), dtype=bool),
+                                  cfg.batch_size)  # (R, C)
     ndcg10 = metrics.ndcg_at_k(scores, target, REWARD_K).numpy()
     logp = target_logp(scores, target)
     rank = metrics.target_rank(scores, target).numpy()
+    logp_all = catalogue_logp(model, history, split.target[rows], vectors, cfg.batch_size)
 
     user_rows = np.unique(rows)  # one no-knowledge score per user
     plain = score_with_knowledge(model, split.history[user_rows], split.candidates[user_rows], None, None,
                                  cfg.batch_size)
     plain_ndcg = metrics.ndcg_at_k(plain, split.target_index[user_rows], REWARD_K).numpy()
     plain_logp = target_logp(plain, split.target_index[user_rows])
+    plain_all = catalogue_logp(model, split.history[user_rows], split.target[user_rows], None, cfg.batch_size)
     at = np.searchsorted(user_rows, rows)
+    reward = logp_all if cfg.kind == "logp" else combine(ndcg10, logp, cfg.tie_break)
     return pa.table({
         "user_idx": pa.array(users.astype(np.int32)), "sample_idx": pa.array(samples.astype(np.int32)),
         "target": pa.array(split.target[rows].astype(np.int32)), "target_index": pa.array(target.astype(np.int32)),
         "target_rank": pa.array(rank.astype(np.int32)), "ndcg10": pa.array(ndcg10.astype(np.float64)),
-        "logp_target": pa.array(logp), "reward": pa.array(combine(ndcg10, logp, cfg.tie_break)),
+        "logp_target": pa.array(logp), "logp_catalogue": pa.array(logp_all), "reward": pa.array(reward),
         "ndcg10_no_knowledge": pa.array(plain_ndcg[at].astype(np.float64)),
-        "logp_target_no_knowledge": pa.array(plain_logp[at]),
+        "logp_target_no_knowledge": pa.array(plain_logp[at]), "logp_catalogue_no_knowledge": pa.array(plain_all[at]),
     }, schema=REWARDS_SCHEMA)
 
 
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
-def summarise_rewards(rewards: pa.Table, num_resamples: int = 2000, seed: int = 0) -> dict:
-    """Per-user spread of the rewards, how often best != worst, and whether knowledge helps on the target."""
+def summarise_rewards(rewards: pa.Table, kind: str = "logp", num_resamples: int = 2000, seed: int = 0) -> dict:
+    """Per-user spread of the rewards, how often best != worst, how many users each reward kind leaves with a
+    usable pair at each margin, and whether knowledge helps on the target."""
     frame = rewards.to_pandas()
     if frame.empty:
         raise ValueError("rewards table is empty")
+    frame["ndcg10_tiebreak"] = frame["reward"] if kind == "ndcg10" else combine(frame["ndcg10"], frame["logp_target"],
+                                                                                RewardConfig.tie_break)
     per_user = frame.groupby("user_idx")
-    spread = {col: (per_user[col].max() - per_user[col].min()).to_numpy() for col in ("reward", "ndcg10",
-                                                                                        "logp_target")}
+    columns = {"logp": "logp_catalogue", "ndcg10": "ndcg10_tiebreak"}
+    spread = {col: (per_user[col].max() - per_user[col].min()).to_numpy()
+              for col in ("reward", "ndcg10", "logp_target", "logp_catalogue", "ndcg10_tiebreak")}
     sizes = per_user.size()
     mean_ndcg = per_user["ndcg10"].mean().to_numpy()
     plain_ndcg = per_user["ndcg10_no_knowledge"].first().to_numpy()
+    mean_logp = per_user["logp_catalogue"].mean().to_numpy()
+    plain_logp = per_user["logp_catalogue_no_knowledge"].first().to_numpy()
     return {
-        "num_users": int(len(sizes)), "num_rows": int(len(frame)),
+        "kind": kind, "num_users": int(len(sizes)), "num_rows": int(len(frame)),
         "samples_per_user": {"min": int(sizes.min()), "max": int(sizes.max())},
         "share_best_ne_worst": {"reward": float(np.mean(spread["reward"] > 0)),
                                 "ndcg10": float(np.mean(spread["ndcg10"] > 0))},
@@ -120,8 +145,11 @@ def summarise_rewards(rewards: pa.Table, num_resamples: int = 2000, seed: int = 
         "mean": {"ndcg10": float(frame["ndcg10"].mean()), "reward": float(frame["reward"].mean()),
                  "best_ndcg10": float(per_user["ndcg10"].max().mean()),
                  "worst_ndcg10": float(per_user["ndcg10"].min().mean()),
-                 "ndcg10_no_knowledge": float(plain_ndcg.mean())},
-        # Per user: mean NDCG@10 over their samples minus NDCG@10 without knowledge (paired bootstrap).
+                 "ndcg10_no_knowledge": float(plain_ndcg.mean()), "logp_catalogue": float(mean_logp.mean()),
+                 "logp_catalogue_no_knowledge": float(plain_logp.mean())},
+        # Per user: the mean over their samples minus the value without knowledge (paired bootstrap).
         "knowledge_vs_none_on_target": metrics.paired_bootstrap(mean_ndcg, plain_ndcg, num_resamples, seed=seed),
-        "margin_sweep": {f"{m:g}": int(np.sum(spread["reward"] >= m)) for m in (1e-6, 1e-4, 1e-3, 1e-2, 0.1, 0.3)},
+        "knowledge_vs_none_logp": metrics.paired_bootstrap(mean_logp, plain_logp, num_resamples, seed=seed),
+        # Users with a usable pair (best - worst >= margin) for each reward kind and margin.
+        "usable_users": {k: {f"{m:g}": int(np.sum(spread[col] >= m)) for m in MARGINS[k]} for k, col in columns.items()},
     }

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from recalign import io
 from recalign.prompts import PromptConfig, knowledge_messages, render
-from recalign.sampling.engines import Engine, EngineError
+from recalign.sampling.engines import Engine, EngineError, batch_seed
 
 SAMPLES_SCHEMA = pa.schema([
     ("user_idx", pa.int32()),
@@ -37,7 +37,7 @@ SAMPLES_SCHEMA = pa.schema([
     ("finish_reason", pa.string()),  # stop | length
     ("engine", pa.string()),  # vllm | hf
     ("model", pa.string()),
-    ("seed", pa.int64()),  # the engine's seed
+    ("seed", pa.int64()),  # the batch's seed: batch_seed(sample.seed, the batch's user ids, split)
 ])
 PART_PREFIX = "part-"
 
@@ -73,12 +73,15 @@ class SamplerStage:
     """Prompts -> N completions per user, written to `<out_dir>/part-<hash of user ids>.parquet`.
 
     In: user_idx, user_id, split, prompt. Out: one summary row per batch (file, users, rows, tokens, seconds).
-    The engine comes from `engine_factory()`, called once per actor, so tests can inject one.
+    The engine comes from `engine_factory()`, called once per actor, so tests can inject one. Before each
+    batch the engine is reseeded from `seed` and the batch's users, so what a batch gets does not depend on
+    the actor or on the batches before it.
     """
 
     def __init__(self, engine_factory: Callable[[], Engine], out_dir: str, num_samples: int, max_new_tokens: int,
-                 temperature: float, top_p: float, model_name: str):
+                 temperature: float, top_p: float, model_name: str, seed: int = 0):
         self.engine = engine_factory()
+        self.seed = seed
         self.out_dir = out_dir
         self.num_samples = num_samples
         self.max_new_tokens = max_new_tokens
@@ -89,6 +92,8 @@ class SamplerStage:
     def sample(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The batch's rows in SAMPLES_SCHEMA: users in batch order, sample_idx 0..N-1 within each."""
         prompts = [str(p) for p in batch["prompt"]]
+        seed = batch_seed(self.seed, batch["user_idx"], str(batch["split"][0]) if len(batch["split"]) else "")
+        self.engine.reseed(seed)
         results = self.engine.generate(prompts, self.num_samples, self.max_new_tokens, self.temperature, self.top_p)
         if len(results) != len(prompts):
             raise EngineError(f"{self.engine.name} engine returned {len(results)} results for {len(prompts)} prompts")
@@ -110,7 +115,7 @@ class SamplerStage:
                 columns["finish_reason"].append(completion.finish_reason)
                 columns["engine"].append(self.engine.name)
                 columns["model"].append(self.model_name)
-                columns["seed"].append(int(self.engine.seed))
+                columns["seed"].append(seed)
         return pa.table(columns, schema=SAMPLES_SCHEMA)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

