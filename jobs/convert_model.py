@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import parse_args
+from launch import parse_args, run
 
 from recalign.config import option
 from recalign.llm import resolve_model
@@ -23,11 +23,11 @@ class ConvertJob:
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg = parse_args(ConvertJob, argv)
+    cfg = parse_args(ConvertJob, argv, __doc__)
     path = resolve_model(cfg.model, cfg.models_dir)
     print(path, flush=True)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign.config import option
 from recalign.evaluation.config import FinalEvalConfig
@@ -33,7 +33,7 @@ class EvaluateJob:
 def main(argv: list[str] | None = None) -> dict:
     from recalign.llm import resolve_model
 
-    cfg = parse_args(EvaluateJob, argv)
+    cfg = parse_args(EvaluateJob, argv, __doc__)
     with ray_session(cfg.ray):
         summary = evaluate_stage(cfg.run, cfg.eval, resolve_model(cfg.model, cfg.models_dir), cfg.engine)
     print(summary["table"])
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,6 +1,7 @@
 """Wiring shared by the job entrypoints: command line -> config, and the Ray connection.
 
-Usage of every job: `python jobs/<job>.py [config.yaml] [key=value ...]`.
+Usage of every job: `python jobs/<job>.py [config.yaml] [key=value ...]`; `--help` lists the keys,
+`print_config=true` prints the resolved config, and a mistake is one `error: ...` line (exit 2, see `run`).
 
 With RAY_ADDRESS set (as `ray job submit` does), a job joins that cluster. Without, it starts an
 embedded local Ray bound to 127.0.0.1 whose files live in a short temp dir (unix socket paths are
@@ -10,14 +11,18 @@ capped at 107 bytes), removed on exit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-from recalign.config import ConfigError, load_config, option
+import yaml
+
+from recalign.config import ConfigError, help_text, load_config, option, parse_yaml, to_dict
+from recalign.errors import ClusterError, find_user_error
 
 T = TypeVar("T")
 
@@ -29,16 +34,75 @@ class RayConfig:
     dashboard: bool = option(True, "embedded Ray's dashboard on 127.0.0.1 (Ray's State API, used by Train, needs it)")
 
 
-def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
-    """`[config.yaml] [key=value ...]` -> config; a bad file or key exits with a one-line error."""
-    argv = sys.argv[1:] if argv is None else argv
+COMMON_HELP = """[every job]
+  -h, --help          this text
+  print_config=true   print the resolved config (defaults, then the YAML, then the overrides) and exit
+  verbose=true        a traceback with every error, not just its one-line message
+"""
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None, doc: str | None = None,
+               resolve: Callable[[T], T] | None = None) -> T:
+    """`[config.yaml] [key=value ...]` -> config.
+
+    `-h`/`--help` prints every key (from the config dataclasses' help texts) and exits 0; `print_config=true`
+    prints the resolved config as YAML and exits 0; `verbose=...` is read by `run`. `resolve` finishes the
+    config (the pipeline fills in what one key sets for several stages) before it is printed or returned.
+    A bad file or key raises ConfigError, which `run` prints as one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(help_text(cls, _usage(doc)) + "\n" + COMMON_HELP, end="")
+        raise SystemExit(0)
+    flags = {k: v for k, _, v in (a.partition("=") for a in argv if a.split("=")[0] in ("print_config", "verbose"))}
+    argv = [a for a in argv if a.split("=")[0] not in ("print_config", "verbose")]
+    for arg in argv:
+        if arg.startswith("-"):
+            raise ConfigError(f"{arg}: unknown option; a job takes [config.yaml] [key=value ...] (--help lists the keys)")
     path = None
     if argv and "=" not in argv[0]:
         path, argv = argv[0], argv[1:]
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"{arg!r}: expected key=value (only the first argument may be a config file)")
+    cfg = load_config(cls, path, argv)
+    if resolve is not None:
+        cfg = resolve(cfg)
+    if _truthy(flags.get("print_config", "false"), "print_config"):
+        print(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg), default=str)), sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """A job's `__main__`: run `main(argv)`; a UserError (a bad key, file, table, model, storage URI or
+    cluster address, also when raised inside a Ray task or Train worker) is printed as one `error: ...` line
+    on stderr and exits 2. `verbose=true` re-raises it with its traceback. Other errors are internal and
+    keep their traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(_truthy(a.partition("=")[2], "verbose") for a in argv if a.split("=")[0] == "verbose")
     try:
-        return load_config(cls, path, argv)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+        main(argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as err:
+        user = find_user_error(err)
+        if user is None or verbose:
+            raise
+        message = "; ".join(line.strip() for line in str(user).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _truthy(text: str, key: str) -> bool:
+    value = parse_yaml(text) if text.strip() else None
+    if not isinstance(value, bool):
+        raise ConfigError(f"overrides: {key}: expected true/false, got {text!r}")
+    return value
+
+
+def _usage(doc: str | None) -> str:
+    text = (doc or "").strip("\n")
+    return text or "usage: python jobs/<job>.py [config.yaml] [key=value ...]"
 
 
 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: "0" makes every Ray process bind
@@ -63,11 +127,19 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     import ray
 
     address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ClusterError(f"RAY_ADDRESS={address}: cannot join this Ray cluster ({first}); start it with "
+                               "`ray start --head` (or `ray up cluster.yaml`), or unset RAY_ADDRESS to run on an "
+                               "embedded local Ray") from err
         try:
             yield
         finally:
@@ -107,6 +179,23 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             else:
                 os.environ[key] = value
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ClusterError at once when RAY_ADDRESS's host:port takes no connection (ray.init would retry for
+    minutes). "auto" and addresses without a port are left to Ray."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise ClusterError(f"RAY_ADDRESS={address}: nothing answers there ({err.strerror or err}); start the head with "
+                           "`ray start --head` (or `ray up cluster.yaml`) and use its address, or unset RAY_ADDRESS "
+                           "to run on an embedded local Ray") from err
 
 
 def _free_port() -> int:

@@ -28,11 +28,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign.align.config import PoliciesConfig
 from recalign.align.stage import policies_stage
-from recalign.config import option
+from recalign.config import ConfigError, option
 from recalign.data.dataset import DataConfig
 from recalign.data.stage import prepare_stage
 from recalign.evaluation.config import FinalEvalConfig
@@ -53,6 +53,10 @@ from recalign.sampling.stage import sample_stage
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
 STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")
+# What each stage reads from the run: a stage whose input reruns reruns too (the dry run's "why").
+DEPENDS = {"data": (), "sasrec": ("data",), "sample": ("data",), "embeddings": ("sample",),
+           "reward_model": ("data", "embeddings"), "rewards": ("reward_model", "embeddings"), "pairs": ("data", "sample", "rewards"),
+           "align": ("pairs",), "evaluate": ("data", "sasrec", "sample", "reward_model", "align")}
 
 
 @dataclass
@@ -78,6 +82,8 @@ class PipelineJob:
                           "user subsets and test users, which shows the spread a rerun has")
     stages: list[str] = option(factory=lambda: list(STAGES), help="stages to run, in pipeline order")
     force: list[str] = option(factory=list, help="stages to rerun even if up to date")
+    dry_run: bool = option(False, "list each stage as \"run\" or \"skip (up to date)\" with the reason, then exit: "
+                                  "nothing is computed or written and Ray is not started")
 
 
 def parse(argv: list[str] | None) -> PipelineJob:
@@ -89,12 +95,16 @@ def parse(argv: list[str] | None) -> PipelineJob:
         name = presets[-1].partition("=")[2]
         path = os.path.join(PRESETS, f"{name}.yaml")
         if not os.path.isfile(path):
-            raise SystemExit(f"config error: unknown preset {name!r}; have {sorted(p[:-5] for p in os.listdir(PRESETS))}")
+            raise ConfigError(f"preset={name}: unknown preset; have {sorted(p[:-5] for p in os.listdir(PRESETS))}")
         argv = [path] + [a for a in argv if not a.startswith("preset=")]
-    cfg = parse_args(PipelineJob, argv)
+    return parse_args(PipelineJob, argv, __doc__, resolve=resolve)
+
+
+def resolve(cfg: PipelineJob) -> PipelineJob:
+    """The config every stage runs with: stage names checked, one LLM for every stage, the run seed applied."""
     unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
     if unknown:
-        raise SystemExit(f"config error: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        raise ConfigError(f"stages/force: unknown stage(s) {unknown}; stages are {list(STAGES)}")
     # One LLM for every stage. The prompts need no copying: later stages read them from the run (the knowledge
     # prompt from samples/, the re-rank prompt from pairs/), as the standalone jobs do.
     cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
@@ -144,8 +154,46 @@ def run_stages(cfg: PipelineJob, log) -> dict:
     return out
 
 
+def plan(cfg: PipelineJob) -> list[tuple[str, str, str]]:
+    """(stage, "run" | "skip (up to date)", why) for each stage of `cfg.stages`, computing and writing nothing."""
+    from recalign.errors import MissingInputError
+    from recalign.llm import ModelError
+    from recalign.runs import WouldRun, dry_run
+
+    rows, reruns = [], set()
+    with dry_run():
+        for stage in cfg.stages:
+            after = [d for d in DEPENDS[stage] if d in reruns]
+            if stage in cfg.force:
+                verdict = ("run", "forced (force=[...])")
+            elif after:
+                verdict = ("run", f"its input {', '.join(after)} reruns")
+            elif stage == "evaluate":
+                verdict = ("run", "always: rescores the systems whose inputs changed (the rest are cached) and "
+                                  "rewrites eval/")
+            else:
+                try:
+                    run_stages(dataclasses.replace(cfg, stages=[stage], force=[]), lambda message: None)
+                    verdict = ("skip (up to date)", "same config and inputs as its finished output")
+                except WouldRun as would:
+                    verdict = ("run", f"{would.stage}: {would.reason}" if would.stage != stage else would.reason)
+                except (MissingInputError, ModelError) as err:
+                    verdict = ("run", f"an input is not there yet: {err}")
+            if verdict[0] == "run":
+                reruns.add(stage)
+            rows.append((stage, *verdict))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv)
+    if cfg.dry_run:
+        rows = plan(cfg)
+        width = max(len(stage) for stage, _, _ in rows)
+        print(f"dry run of {cfg.run.dir()} (nothing computed or written):")
+        for stage, verdict, why in rows:
+            print(f"  {stage:<{width}}  {verdict:<17}  {why}")
+        return {"plan": rows}
     start = time.time()
 
     def log(message: str) -> None:
@@ -161,4 +209,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

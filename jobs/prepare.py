@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import parse_args
+from launch import parse_args, run
 
 from recalign.config import option
 from recalign.data.dataset import DataConfig
@@ -22,9 +22,9 @@ class PrepareJob:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(PrepareJob, argv)
+    cfg = parse_args(PrepareJob, argv, __doc__)
     return prepare_stage(cfg.run, cfg.data)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

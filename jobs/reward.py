@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
-from recalign.config import option
+from recalign.config import ConfigError, option
 from recalign.pairs.build import PairsConfig
 from recalign.pairs.stage import pairs_stage
 from recalign.recsys.ka_sasrec import KAConfig
@@ -45,10 +45,10 @@ class RewardJob:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(RewardJob, argv)
+    cfg = parse_args(RewardJob, argv, __doc__)
     unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
     if unknown:
-        raise SystemExit(f"config error: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        raise ConfigError(f"stages/force: unknown stage(s) {unknown}; stages are {list(STAGES)}")
     summaries = {}
     with ray_session(cfg.ray):
         if "embeddings" in cfg.stages:
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign.config import option
 from recalign.data.dataset import DataConfig
@@ -30,7 +30,7 @@ class SampleJob:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(SampleJob, argv)
+    cfg = parse_args(SampleJob, argv, __doc__)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     prepare_stage(cfg.run, cfg.data, log)
     with ray_session(cfg.ray):
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

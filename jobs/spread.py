@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import parse_args
+from launch import parse_args, run
 
 from recalign import io
-from recalign.config import option
+from recalign.config import ConfigError, option
 from recalign.evaluation.spread import read_summaries, spread_table
 
 
@@ -26,9 +26,9 @@ class SpreadJob:
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg = parse_args(SpreadJob, argv)
+    cfg = parse_args(SpreadJob, argv, __doc__)
     if len(cfg.runs) < 2:
-        raise SystemExit("config error: runs: name at least 2 runs, e.g. runs=[demo,demo-seed1]")
+        raise ConfigError("overrides: runs: name at least 2 runs, e.g. runs=[demo,demo-seed1]")
     table = spread_table(read_summaries({name: io.join(cfg.root, name) for name in cfg.runs}), cfg.metric)
     if cfg.out:
         io.write_text(table, cfg.out)
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

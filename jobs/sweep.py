@@ -13,13 +13,14 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign import io
 from recalign.align.config import AlignConfig, SweepConfig
 from recalign.align.sweep import TrialSpec, results_frame, run_sweep, validation_rows, write_results
 from recalign.config import fingerprint, option, to_dict
 from recalign.data.dataset import Dataset
+from recalign.errors import MissingInputError
 from recalign.llm.convert import resolve_model
 from recalign.pairs.stage import rerank_prompt
 from recalign.rerank.scorer import RerankConfig, build_prompts
@@ -55,15 +56,16 @@ def validation_inputs(cfg: SweepJob, model_path: str) -> tuple[list[str], np.nda
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(SweepJob, argv)
+    cfg = parse_args(SweepJob, argv, __doc__)
     model_path = resolve_model(cfg.model, cfg.models_dir)
     pairs_uri = cfg.run.dir("pairs", f"{cfg.pairs}.parquet")
     if not io.exists(pairs_uri):
-        raise SystemExit(f"{pairs_uri}: missing; run the pipeline's pairs stage first")
+        raise MissingInputError(f"{pairs_uri}: missing; run the pipeline's pairs stage first")
     prompts, target_index, num_candidates = validation_inputs(cfg, model_path)
     init_adapter = cfg.run.dir(*cfg.init_adapter.split("/")) if cfg.init_adapter else ""
     if init_adapter and not io.exists(io.join(init_adapter, "adapter_model.safetensors")):
-        raise SystemExit(f"{init_adapter}: no adapter; run the pipeline's align stage first or set init_adapter=''")
+        raise MissingInputError(f"{init_adapter}: no adapter; run the pipeline's align stage first or set "
+                                "init_adapter=''")
     spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri], prompts=prompts,
                      target_index=target_index, num_candidates=num_candidates,
                      rerank=cfg.rerank, rungs=cfg.sweep.rungs, out_root=cfg.run.dir("sweep", "trials"),
@@ -93,4 +95,4 @@ def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) 
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

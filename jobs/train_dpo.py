@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.losses import LOSS_TYPES
 from recalign.align.stage import policy_stage
-from recalign.config import option
+from recalign.config import ConfigError, option
 from recalign.data.dataset import DataConfig
+from recalign.errors import MissingInputError
 from recalign.pairs.build import PATHS
 from recalign.pairs.heuristic import heuristic_pairs
 from recalign.prompts import PromptConfig
@@ -55,7 +56,7 @@ class TrainDPOJob:
 def pairs_uris(cfg: TrainDPOJob) -> list[str]:
     unknown = sorted(set(cfg.paths) - set(PATHS))
     if unknown or not cfg.paths:
-        raise SystemExit(f"config error: paths must be a non-empty subset of {list(PATHS)}, got {cfg.paths}")
+        raise ConfigError(f"overrides: paths: must be a non-empty subset of {list(PATHS)}, got {cfg.paths}")
     pairs_dir = cfg.pairs_dir or cfg.run.dir("pairs")
     return [io.join(pairs_dir, f"{path}.parquet") for path in cfg.paths]
 
@@ -77,10 +78,10 @@ def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str], model_path: str) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(TrainDPOJob, argv)
+    cfg = parse_args(TrainDPOJob, argv, __doc__)
     loss_types = cfg.loss_types or [cfg.align.loss_type]
     if set(loss_types) - set(LOSS_TYPES):
-        raise SystemExit(f"config error: loss_types must be among {list(LOSS_TYPES)}, got {loss_types}")
+        raise ConfigError(f"overrides: loss_types: must be among {list(LOSS_TYPES)}, got {loss_types}")
     from recalign.llm import resolve_model
 
     uris = pairs_uris(cfg)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_synthetic_pairs(cfg, uris, model_path)
     missing = [u for u in uris if not io.exists(u)]
     if missing:
-        raise SystemExit(f"pairs missing: {missing}; run the reward stage, or set synthetic_pairs.enabled=true")
+        raise MissingInputError(f"{', '.join(missing)}: pairs missing; run the reward stage (jobs/reward.py), or set "
+                                "synthetic_pairs.enabled=true")
     summaries = {}
     with ray_session(cfg.ray):
         for loss_type in loss_types:
@@ -107,4 +109,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

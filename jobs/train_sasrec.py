@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session
+from launch import RayConfig, parse_args, ray_session, run
 
 from recalign.config import option
 from recalign.data.dataset import DataConfig
@@ -28,11 +28,11 @@ class TrainSASRecJob:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(TrainSASRecJob, argv)
+    cfg = parse_args(TrainSASRecJob, argv, __doc__)
     prepare_stage(cfg.run, cfg.data)
     with ray_session(cfg.ray):
         return sasrec_stage(cfg.run, cfg.model, cfg.train)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

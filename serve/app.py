@@ -17,8 +17,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from recalign import io
 from recalign.config import option
 from recalign.data.dataset import Dataset
+from recalign.errors import MissingInputError
 from recalign.llm.convert import resolve_model
 from recalign.llm.policy import load_policy
 from recalign.pairs.stage import rerank_prompt
@@ -63,13 +65,21 @@ class ServeJob:
 
 
 def build(cfg: ServeJob, loader=None):
+    data_dir = os.path.join(cfg.run_dir, "data")
+    if not io.exists(io.join(data_dir, "meta.json")):
+        raise MissingInputError(f"run_dir={cfg.run_dir}: no prepared dataset in {data_dir}; point run_dir at a run "
+                                "(`make run` writes runs/demo) or prepare one with jobs/prepare.py")
     adapter = cfg.adapter
     if adapter and not os.path.isabs(adapter) and not os.path.exists(adapter):
         adapter = os.path.join(cfg.run_dir, adapter)
+    if adapter and not io.exists(io.join(adapter, "adapter_config.json")):
+        raise MissingInputError(f"adapter={cfg.adapter}: {adapter} is not a LoRA adapter folder (no "
+                                "adapter_config.json); use a policy of the run, e.g. policy/rerank/sft+sdpo, or "
+                                "adapter='' for the base model")
     model_path = str(resolve_model(cfg.model, cfg.models_dir))
     deployment = Reranker.options(num_replicas=cfg.replicas, ray_actor_options={
         "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
-    return deployment.bind(os.path.join(cfg.run_dir, "data"), model_path, adapter or None, asdict(cfg.rerank),
+    return deployment.bind(data_dir, model_path, adapter or None, asdict(cfg.rerank),
                            asdict(run_prompt(cfg.run_dir)), loader)
 
 
@@ -90,11 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
     from launch import RayConfig, parse_args, ray_session
 
-    cfg = parse_args(ServeJob, argv)
+    cfg = parse_args(ServeJob, argv, __doc__)
+    app = build(cfg)  # checks the run, the adapter and the model before Ray starts
     with ray_session(RayConfig()):
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build(cfg), name="recalign", route_prefix="/rerank", blocking=True)
+        serve.run(app, name="recalign", route_prefix="/rerank", blocking=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    from launch import run
+
+    run(main)

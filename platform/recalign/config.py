@@ -24,11 +24,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from recalign.errors import UserError
+
 T = TypeVar("T")
 _NO_DEFAULT = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit its dataclass."""
 
 

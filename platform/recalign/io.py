@@ -18,13 +18,23 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from recalign.errors import MissingInputError, StorageError
+
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a filesystem URI."""
     uri = str(uri)
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+            raise StorageError(f"{uri}: cannot open this storage URI ({_first_line(err)}); use a local path or "
+                               "a pyarrow filesystem URI such as s3://bucket/runs, with its credentials set") from err
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -75,8 +85,12 @@ def write_parquet(table: pa.Table, uri: str | Path) -> None:
 def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such table; has the stage that writes it run?")
-    return pq.read_table(path, columns=columns, filesystem=fs)
+        raise MissingInputError(f"{uri}: no such table; has the stage that writes it run?")
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except pa.ArrowInvalid as err:
+        raise StorageError(f"{uri}: not a readable Parquet table ({_first_line(err)}); delete it and rerun the "
+                           "stage that writes it") from err
 
 
 def write_bytes(data: bytes, uri: str | Path) -> None:
@@ -92,7 +106,7 @@ def write_bytes(data: bytes, uri: str | Path) -> None:
 def read_bytes(uri: str | Path) -> bytes:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such file; has the stage that writes it run?")
+        raise MissingInputError(f"{uri}: no such file; has the stage that writes it run?")
     with fs.open_input_stream(path) as inp:
         return inp.read()
 
@@ -111,7 +125,11 @@ def write_json(obj: Any, uri: str | Path) -> None:
 
 
 def read_json(uri: str | Path) -> Any:
-    return json.loads(read_text(uri))
+    try:
+        return json.loads(read_text(uri))
+    except json.JSONDecodeError as err:
+        raise StorageError(f"{uri}: not valid JSON (line {err.lineno}: {err.msg}); delete it and rerun the stage "
+                           "that writes it") from err
 
 
 def delete(uri: str | Path) -> None:
@@ -144,7 +162,7 @@ def local_copy(uri: str | Path) -> Iterator[str]:
         yield path
         return
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{uri}: no such directory")
+        raise MissingInputError(f"{uri}: no such directory")
     with tempfile.TemporaryDirectory(prefix="recalign-stage-") as tmp:
         pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield tmp

@@ -8,21 +8,24 @@
   Train runs resume from their own checkpoints).
 - Fingerprint keys: `learning_key` drops the settings that change where or how fast a stage runs,
   not what it makes (`INFRA_KEYS`); `input_key` is the fingerprint of an upstream stage's output.
+- Dry runs (`dry_run`): `run_stage` reports what it would do (`WouldRun`) instead of doing it.
 - `slug`: a system or policy name as a file or run name. `Log`: what every stage logs with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from recalign import io
 from recalign.config import option
+from recalign.errors import MissingInputError
 
 Log = Callable[[str], None]
 MARKER = "_stage.json"
@@ -54,9 +57,38 @@ def done(out_dir: str, key: str) -> dict[str, Any] | None:
     return marker.get("summary", {}) if marker.get("fingerprint") == key else None
 
 
+class WouldRun(Exception):
+    """Raised by `run_stage` inside `dry_run()`: this stage would run, for `reason`; nothing was computed."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+_dry_run = False
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Inside the block `run_stage` computes nothing: an up-to-date stage returns its stored summary, any
+    other raises WouldRun with the reason; and models are not converted or built (`dry_running`)."""
+    global _dry_run
+    previous, _dry_run = _dry_run, True
+    try:
+        yield
+    finally:
+        _dry_run = previous
+
+
+def dry_running() -> bool:
+    return _dry_run
+
+
 def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]], log: Log = print,
               force: bool = False) -> dict[str, Any]:
     """Run `fn` unless `out_dir` already holds its output for fingerprint `key`."""
+    if _dry_run:
+        return _planned(name, out_dir, key, force)
     if not force:
         summary = done(out_dir, key)
         if summary is not None:
@@ -74,11 +106,24 @@ def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]
     return summary
 
 
+def _planned(name: str, out_dir: str, key: str, force: bool) -> dict[str, Any]:
+    uri = io.join(out_dir, MARKER)
+    if force:
+        raise WouldRun(name, "forced (force=[...])")
+    if not io.exists(uri):
+        raise WouldRun(name, f"no finished output in {out_dir}")
+    marker = io.read_json(uri)
+    if marker.get("fingerprint") != key:
+        raise WouldRun(name, f"config or inputs changed since its last run (fingerprint {marker.get('fingerprint')} "
+                             f"-> {key})")
+    return marker.get("summary", {})
+
+
 def fingerprint_of(out_dir: str) -> str:
     """The fingerprint a finished stage recorded; downstream stages fold it into their own."""
     uri = io.join(out_dir, MARKER)
     if not io.exists(uri):
-        raise FileNotFoundError(f"{out_dir}: stage output missing or unfinished (no {MARKER}); run that stage first")
+        raise MissingInputError(f"{out_dir}: stage output missing or unfinished (no {MARKER}); run that stage first")
     return io.read_json(uri)["fingerprint"]
 
 
@@ -93,7 +138,7 @@ def input_key(out_dir: str) -> str:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
     if not listing:
-        raise FileNotFoundError(f"{out_dir}: empty or missing; run the stage that writes it first")
+        raise MissingInputError(f"{out_dir}: empty or missing; run the stage that writes it first")
     return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import spread
 
+from recalign.config import ConfigError
 from recalign.evaluation.spread import comparison_spread, spread_rows, spread_table
 
 
@@ -46,5 +47,5 @@ def test_the_job_reads_each_runs_metrics_and_writes_the_table(tmp_path, capsys):
         in table
     with pytest.raises(FileNotFoundError, match="nope/eval/metrics.json: missing"):
         spread.main([f"root={tmp_path}", "runs=[demo,nope]"])
-    with pytest.raises(SystemExit, match="name at least 2 runs"):
+    with pytest.raises(ConfigError, match="name at least 2 runs"):
         spread.main([f"root={tmp_path}", "runs=[demo]"])

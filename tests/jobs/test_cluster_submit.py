@@ -1,5 +1,6 @@
 """The same jobs run on a Ray cluster: start a head with `ray start`, submit with `ray job submit`."""
 
+import json
 import os
 import socket
 import subprocess
@@ -21,9 +22,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_jobs_submitted_to_a_running_cluster(tmp_path):
+    # As on a fresh clone without an activated venv: the project's interpreter is not on PATH, so a bare
+    # `python` in the entrypoint would be another one; `sh jobs/run` finds the cluster's own.
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path / "home")}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path / "home"), "PATH": path}
+    for key in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(key, None)
     temp_dir = f"/tmp/rcclu-{os.getpid()}"
     gcs_port, dash_port = _free_port(), _free_port()
     # --block keeps `ray start` as the parent of this cluster's processes, so terminating it stops
@@ -36,9 +42,12 @@ def test_jobs_submitted_to_a_running_cluster(tmp_path):
         address = f"http://127.0.0.1:{dash_port}"
         _wait_for_dashboard(address, env)
         runs = tmp_path / "runs"
-        runtime_env = '{"excludes": [".venv", "runs", "models", ".git"]}'
-        for entry in (f"python jobs/prepare.py run.root={runs} run.name=cluster",
-                      f"python jobs/train_sasrec.py run.root={runs} run.name=cluster model.hidden_size=16 "
+        # py_modules ships this checkout's library with the job, so the cluster runs the code under test
+        # even where an older recalign is installed.
+        runtime_env = json.dumps({"excludes": [".venv", "runs", "models", ".git"],
+                                  "py_modules": [os.path.join(REPO, "platform", "recalign")]})
+        for entry in (f"sh jobs/run prepare run.root={runs} run.name=cluster",
+                      f"sh jobs/run train_sasrec run.root={runs} run.name=cluster model.hidden_size=16 "
                       "model.max_len=10 train.epochs=1 train.num_workers=2"):
             done = _submit([RAY, "job", "submit", "--address", address, "--working-dir", REPO,
                             "--runtime-env-json", runtime_env, "--", *entry.split()], env)

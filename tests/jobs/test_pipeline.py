@@ -6,6 +6,7 @@ import os
 import pipeline
 import pytest
 
+from recalign.config import ConfigError
 from recalign.sampling.actors import read_samples
 
 
@@ -18,9 +19,9 @@ def test_presets_use_one_model_for_every_stage(preset):
 
 
 def test_bad_preset_or_stage_is_a_config_error():
-    with pytest.raises(SystemExit, match="unknown preset 'nope'"):
+    with pytest.raises(ConfigError, match="preset=nope: unknown preset"):
         pipeline.parse(["preset=nope"])
-    with pytest.raises(SystemExit, match=r"unknown stage\(s\) \['allign'\]"):
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['allign'\]"):
         pipeline.parse(["preset=smoke", "stages=[data,allign]"])
 
 
@@ -44,6 +45,10 @@ FAST = ["policies.loss_types=[sdpo]", "sample.engine.engine=hf", "compare.plain_
 def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_local, tmp_path, capsys):
     root = tmp_path / "runs"
     args = ["preset=smoke", f"run.root={root}", f"models_dir={tmp_path / 'models'}", *FAST]
+    fresh = pipeline.main(args + ["dry_run=true"])["plan"]
+    assert [(stage, verdict) for stage, verdict, _ in fresh] == [(stage, "run") for stage in pipeline.STAGES]
+    assert "no finished output" in fresh[0][2] and fresh[1][2] == "its input data reruns"
+    assert not root.exists() and not (tmp_path / "models").exists(), "a dry run writes nothing"
     summaries = pipeline.main(args)
     run = root / "smoke"
     assert set(summaries) == set(pipeline.STAGES)
@@ -79,6 +84,12 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
             ("ka-sasrec + sdpo knowledge", "ka-sasrec + base knowledge")} <= compared
 
     # Same config again, but a new beta for the re-rank preference policy: only it and its evaluation rerun.
+    planned = {stage: (verdict, why) for stage, verdict, why in
+               pipeline.main(args + ["policies.rerank.beta=0.5", "dry_run=true"])["plan"]}
+    assert all(planned[s][0] == "skip (up to date)" for s in pipeline.STAGES[:-2]), planned
+    assert planned["align"][0] == "run" and planned["align"][1].startswith("policy/rerank/sft+sdpo: config or inputs "
+                                                                          "changed"), planned["align"]
+    assert planned["evaluate"][0] == "run"
     pipeline.main(args + ["policies.rerank.beta=0.5"])
     out = capsys.readouterr().out
     for name in ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "policy/rerank/sft",

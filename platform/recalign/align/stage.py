@@ -20,6 +20,7 @@ from recalign import io
 from recalign.align.config import AlignConfig, PoliciesConfig
 from recalign.align.trainer import ADAPTER_FILES, train_policy
 from recalign.config import fingerprint
+from recalign.errors import MissingInputError
 from recalign.runs import Log, RunSpec, learning_key, run_stage, slug
 
 
@@ -61,7 +62,7 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
         path = label.split("/")[0]
         pairs = run.dir("pairs", f"{path}.parquet")
         if not io.exists(pairs):
-            raise FileNotFoundError(f"{pairs}: missing; run the pairs stage first (or drop {path!r} from "
+            raise MissingInputError(f"{pairs}: missing; run the pairs stage first (or drop {path!r} from "
                                     "policies.paths)")
         log(f"[align] policy {number}/{len(plan)}: {label}")
         summaries[label] = policy_stage(run, align, model_path, [pairs], log, force, name=label,

@@ -19,6 +19,7 @@ import pandas as pd
 
 from recalign import io, metrics
 from recalign.align.config import AlignConfig, SweepConfig
+from recalign.errors import MissingInputError
 from recalign.llm.policy import load_policy
 from recalign.rerank.scorer import LetterScorer, RerankConfig
 from recalign.runs import Log
@@ -222,6 +223,6 @@ def load_best(sweep_dir: str) -> AlignConfig:
 
     uri = io.join(sweep_dir, "best.json")
     if not io.exists(uri):
-        raise FileNotFoundError(f"{uri}: no sweep result; run jobs/sweep.py first")
+        raise MissingInputError(f"{uri}: no sweep result; run jobs/sweep.py first")
     return from_dict(AlignConfig, io.read_json(uri)["align"], source=uri)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.loop import AlignSpec
+from recalign.errors import MissingInputError
 from recalign.runs import Log
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -69,7 +70,7 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     from recalign.pairs.read import load_pairs
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
+        raise MissingInputError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
     # Fail here, not in every worker.
     num_examples = len(load_pairs(pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed))
     if init_adapter:
@@ -100,7 +101,7 @@ def check_adapter(adapter_dir: str, cfg: AlignConfig) -> None:
     `adapter_dir` may be on any filesystem the run storage supports."""
     path = io.join(adapter_dir, "adapter_config.json")
     if not all(io.exists(io.join(adapter_dir, f)) for f in ADAPTER_FILES):
-        raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter folder (needs {', '.join(ADAPTER_FILES)})")
+        raise MissingInputError(f"{adapter_dir}: not a PEFT adapter folder (needs {', '.join(ADAPTER_FILES)})")
     saved = io.read_json(path)
     wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_target_modules)}
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),

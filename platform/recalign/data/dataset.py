@@ -16,6 +16,7 @@ from recalign import io
 from recalign.config import fingerprint, option, to_dict
 from recalign.data import loaders
 from recalign.data.protocol import SPLITS, ProtocolConfig, build_tables
+from recalign.errors import MissingInputError
 
 TABLES = ("items", "interactions", "users", "examples")
 
@@ -89,7 +90,7 @@ class Dataset:
         self.data_dir = data_dir
         meta_uri = io.join(data_dir, "meta.json")
         if not io.exists(meta_uri):
-            raise FileNotFoundError(f"{data_dir}: no prepared dataset (meta.json missing); run jobs/prepare.py")
+            raise MissingInputError(f"{data_dir}: no prepared dataset (meta.json missing); run jobs/prepare.py")
         self.meta = io.read_json(meta_uri)
         self.tables = {name: io.read_parquet(io.join(data_dir, f"{name}.parquet")) for name in TABLES}
 

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from recalign.errors import UserError
+
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data that cannot be used; the message names file, column and row."""
 
 

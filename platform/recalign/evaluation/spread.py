@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from recalign import io
+from recalign.data.loaders import DataError
+from recalign.errors import MissingInputError
 
 
 def read_summaries(run_dirs: dict[str, str]) -> dict[str, dict]:
@@ -18,7 +20,7 @@ def read_summaries(run_dirs: dict[str, str]) -> dict[str, dict]:
     for label, run_dir in run_dirs.items():
         uri = io.join(run_dir, "eval", "metrics.json")
         if not io.exists(uri):
-            raise FileNotFoundError(f"{uri}: missing; evaluate run {label!r} first")
+            raise MissingInputError(f"{uri}: missing; evaluate run {label!r} first")
         out[label] = io.read_json(uri)
     return out
 
@@ -36,7 +38,7 @@ def spread_rows(summaries: dict[str, dict], metric: str = "ndcg@10") -> list[dic
         entries = [summaries[label]["systems"][name] for label in labels]
         counts = {e["num_rows"] for e in entries}
         if len(counts) != 1:
-            raise ValueError(f"{name}: scored on {sorted(counts)} rows in different runs; use the same eval settings")
+            raise DataError(f"{name}: scored on {sorted(counts)} rows in different runs; use the same eval settings")
         values = np.array([e[metric]["mean"] for e in entries])
         ci = max(e[metric]["high"] - e[metric]["low"] for e in entries)
         rows.append({"system": name, "rows": counts.pop(), "values": dict(zip(labels, values.tolist())),

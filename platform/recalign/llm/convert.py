@@ -21,6 +21,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from recalign.errors import UserError
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_FOLDER = "smollm2-135m-instruct"
 TINY_MODEL = "tiny"  # a random tiny Llama built in-process (recalign.llm.tiny), for smoke runs
@@ -30,7 +32,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "recalign_convert.json"  # written last: a folder without it is incomplete
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model name or path that cannot be resolved to a usable local folder."""
 
 
@@ -53,12 +55,17 @@ def resolve_model(name_or_path: str, models_dir: str | Path = "models", convert:
     - a `.gguf` file: converted to `<models_dir>/<file stem, lowercased>`;
     - a folder with config.json: passed through unchanged.
     """
+    from recalign.runs import dry_running
+
     models_dir = Path(models_dir)
+    convert = convert and not dry_running()  # a dry run converts and builds nothing
     if name_or_path == DEFAULT_MODEL:
         return str(_converted(default_gguf_path(), models_dir / DEFAULT_FOLDER, convert))
     if name_or_path == TINY_MODEL:
         folder = models_dir / TINY_FOLDER
         if not (folder / "config.json").is_file():
+            if not convert:
+                raise ModelError(f"{folder}: the tiny model is not built yet; the first run builds it")
             from recalign.llm.tiny import save_tiny_llama
 
             save_tiny_llama(folder)
@@ -106,6 +113,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     dequantized Q4_1 weights exact; engines cast to bf16 themselves when asked.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    with open(gguf_path, "rb") as src:
+        if src.read(4) != b"GGUF":
+            raise ModelError(f"{gguf_path}: not a GGUF file (it does not start with the GGUF magic); give a .gguf "
+                             "checkpoint or a Hugging Face folder")
     digest = gguf_digest(gguf_path)
     if is_converted(gguf_path, out_dir):
         return out_dir.resolve()

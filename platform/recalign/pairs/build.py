@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from recalign.config import option
 from recalign.data.dataset import Dataset
+from recalign.data.loaders import DataError
 from recalign.prompts import PromptConfig, render, rerank_answer, rerank_messages
 
 PATHS = ("knowledge", "rerank")
@@ -69,9 +70,9 @@ def knowledge_pairs(samples: pa.Table, rewards: pa.Table, cfg: PairsConfig) -> t
     missing = frame["response"].isna()
     if missing.any():
         row = frame[missing].iloc[0]
-        raise ValueError(f"rewards row user_idx={row.user_idx} sample_idx={row.sample_idx}: no such sample")
+        raise DataError(f"rewards row user_idx={row.user_idx} sample_idx={row.sample_idx}: no such sample")
     if (frame["split"] != PAIRS_SPLIT).any():
-        raise ValueError(f"samples: knowledge pairs use {PAIRS_SPLIT!r} prompts only, found "
+        raise DataError(f"samples: knowledge pairs use {PAIRS_SPLIT!r} prompts only, found "
                          f"{sorted(set(frame['split']) - {PAIRS_SPLIT})}")
     k = cfg.num_negatives
     rows: list[tuple] = []
@@ -156,14 +157,14 @@ def validate_pairs(table: pa.Table, where: str = "pairs", margin: float | None =
     """Raise if a pairs table breaks the shared schema: columns, 1..K rejected per row, chosen never among
     rejected, and (with `margin`) every rejected reward at least `margin` below the chosen one."""
     if table.schema.names != PAIRS_SCHEMA.names:
-        raise ValueError(f"{where}: columns {table.schema.names}, expected {PAIRS_SCHEMA.names}")
+        raise DataError(f"{where}: columns {table.schema.names}, expected {PAIRS_SCHEMA.names}")
     rows = zip(table["chosen"].to_pylist(), table["rejected"].to_pylist(), table["chosen_reward"].to_pylist(),
                table["rejected_rewards"].to_pylist())
     for i, (chosen, rejected, chosen_reward, rejected_rewards) in enumerate(rows):
         if not rejected:
-            raise ValueError(f"{where}: row {i}: no rejected completion")
+            raise DataError(f"{where}: row {i}: no rejected completion")
         if chosen in rejected:
-            raise ValueError(f"{where}: row {i}: chosen text is also rejected")
+            raise DataError(f"{where}: row {i}: chosen text is also rejected")
         if margin is not None and chosen_reward is not None and any(
                 chosen_reward - r < margin - 1e-12 for r in rejected_rewards or []):
-            raise ValueError(f"{where}: row {i}: a rejected reward lies within {margin:g} of the chosen one")
+            raise DataError(f"{where}: row {i}: a rejected reward lies within {margin:g} of the chosen one")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recalign import io
+from recalign.data.loaders import DataError
 
 REQUIRED = ("user_idx", "path", "prompt", "chosen", "rejected")
 
@@ -44,23 +45,23 @@ def load_pairs(uris: list[str], num_negatives: int, max_examples: int = 0, seed:
         table = io.read_parquet(uri)
         missing = [c for c in REQUIRED if c not in table.column_names]
         if missing:
-            raise ValueError(f"{uri}: missing column(s) {missing}; pairs need {list(REQUIRED)}")
+            raise DataError(f"{uri}: missing column(s) {missing}; pairs need {list(REQUIRED)}")
         rows = table.select(list(REQUIRED)).to_pylist()
         for i, row in enumerate(rows):
             where = f"{uri}: row {i} (user_idx {row['user_idx']})"
             if not isinstance(row["prompt"], str) or not row["prompt"]:
-                raise ValueError(f"{where}: prompt is empty or null")
+                raise DataError(f"{where}: prompt is empty or null")
             if not isinstance(row["chosen"], str):
-                raise ValueError(f"{where}: chosen is null")
+                raise DataError(f"{where}: chosen is null")
             rejected = row["rejected"] or []
             if not rejected:
-                raise ValueError(f"{where}: no rejected completion")
+                raise DataError(f"{where}: no rejected completion")
             if any(not isinstance(r, str) for r in rejected[:num_negatives]):
-                raise ValueError(f"{where}: a rejected completion is null")
+                raise DataError(f"{where}: a rejected completion is null")
             examples.append(PreferenceExample(int(row["user_idx"]), str(row["path"]), row["prompt"], row["chosen"],
                                               list(rejected[:num_negatives])))
         if not rows:
-            raise ValueError(f"{uri}: no pairs")
+            raise DataError(f"{uri}: no pairs")
     if 0 < max_examples < len(examples):
         keep = np.sort(np.random.default_rng(seed).choice(len(examples), size=max_examples, replace=False))
         examples = [examples[i] for i in keep]

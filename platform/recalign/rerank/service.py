@@ -15,10 +15,11 @@ from typing import Any, Callable
 import numpy as np
 
 from recalign import prompts
+from recalign.errors import UserError
 from recalign.rerank.scorer import LetterScorer, RerankConfig
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A bad request; the message names the field and the offending value."""
 
 

