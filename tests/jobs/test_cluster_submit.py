@@ -14,10 +14,16 @@ from tests.helpers import REPO
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 (all held open while they are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @pytest.mark.slow
@@ -31,12 +37,18 @@ def test_jobs_submitted_to_a_running_cluster(tmp_path):
     for key in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH"):
         env.pop(key, None)
     temp_dir = f"/tmp/rcclu-{os.getpid()}"
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port, *others = _free_ports(9)
+    # Every port of our own: a second Ray on this machine (another test session, a running demo) holds the
+    # defaults, 52365 for the dashboard agent among them, and a head whose agent cannot bind takes no job.
+    own_ports = [f"--{name}={port}" for name, port in zip((
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port"), others)]
     # --block keeps `ray start` as the parent of this cluster's processes, so terminating it stops
     # exactly this cluster (never `ray stop`, which would kill every Ray on the machine).
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+                             f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                             *own_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dash_port}"
