@@ -6,8 +6,8 @@ import importlib
 import inspect
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 import pytest
 
