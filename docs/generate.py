@@ -49,7 +49,8 @@ def reference() -> str:
             lines += ["```bash", *[u[4:] for u in usage[0].splitlines()], "```", ""]
         lines += ["| key | type | default | what |", "| --- | --- | --- | --- |"]
         for row in describe(job_class(module)):
-            lines.append(f"| `{row['key']}` | {_cell(row['type'])} | `{_cell(row['default'])}` | {_cell(row['help'])} |")
+            cells = [f"`{row['key']}`", _cell(row["type"]), f"`{_cell(row['default'])}`", _cell(row["help"])]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

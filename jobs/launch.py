@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import yaml
 
 from recalign.config import ConfigError, help_text, load_config, option, parse_yaml, to_dict
-from recalign.errors import ClusterError, find_user_error
+from recalign.errors import ClusterError, find_user_error, first_line
 
 T = TypeVar("T")
 
@@ -57,7 +57,8 @@ def parse_args(cls: type[T], argv: list[str] | None = None, doc: str | None = No
     argv = [a for a in argv if a.split("=")[0] not in ("print_config", "verbose")]
     for arg in argv:
         if arg.startswith("-"):
-            raise ConfigError(f"{arg}: unknown option; a job takes [config.yaml] [key=value ...] (--help lists the keys)")
+            raise ConfigError(f"{arg}: unknown option; a job takes [config.yaml] [key=value ...] "
+                              "(--help lists the keys)")
     path = None
     if argv and "=" not in argv[0]:
         path, argv = argv[0], argv[1:]
@@ -136,9 +137,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ClusterError(f"RAY_ADDRESS={address}: cannot join this Ray cluster ({first}); start it with "
-                               "`ray start --head` (or `ray up cluster.yaml`), or unset RAY_ADDRESS to run on an "
+            raise ClusterError(f"RAY_ADDRESS={address}: cannot join this Ray cluster ({first_line(err)}); start it "
+                               "with `ray start --head` (or `ray up cluster.yaml`), or unset RAY_ADDRESS to run on an "
                                "embedded local Ray") from err
         try:
             yield

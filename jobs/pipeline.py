@@ -55,8 +55,9 @@ PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "p
 STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")
 # What each stage reads from the run: a stage whose input reruns reruns too (the dry run's "why").
 DEPENDS = {"data": (), "sasrec": ("data",), "sample": ("data",), "embeddings": ("sample",),
-           "reward_model": ("data", "embeddings"), "rewards": ("reward_model", "embeddings"), "pairs": ("data", "sample", "rewards"),
-           "align": ("pairs",), "evaluate": ("data", "sasrec", "sample", "reward_model", "align")}
+           "reward_model": ("data", "embeddings"), "rewards": ("reward_model", "embeddings"),
+           "pairs": ("data", "sample", "rewards"), "align": ("pairs",),
+           "evaluate": ("data", "sasrec", "sample", "reward_model", "align")}
 
 
 @dataclass

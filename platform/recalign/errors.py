@@ -29,6 +29,11 @@ class ClusterError(UserError):
     """A Ray cluster address that cannot be joined."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def find_user_error(err: BaseException, depth: int = 8) -> UserError | None:
     """The UserError behind `err`: itself, its cause or context, a Ray task's cause, a Train worker's error."""
     seen: set[int] = set()

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from recalign.errors import MissingInputError, StorageError
+from recalign.errors import MissingInputError, StorageError, first_line
 
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -28,13 +28,9 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-            raise StorageError(f"{uri}: cannot open this storage URI ({_first_line(err)}); use a local path or "
+            raise StorageError(f"{uri}: cannot open this storage URI ({first_line(err)}); use a local path or "
                                "a pyarrow filesystem URI such as s3://bucket/runs, with its credentials set") from err
     return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -89,7 +85,7 @@ def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns, filesystem=fs)
     except pa.ArrowInvalid as err:
-        raise StorageError(f"{uri}: not a readable Parquet table ({_first_line(err)}); delete it and rerun the "
+        raise StorageError(f"{uri}: not a readable Parquet table ({first_line(err)}); delete it and rerun the "
                            "stage that writes it") from err
 
 

@@ -192,7 +192,8 @@ def test_model_spread_and_serve_inputs_are_one_line(tmp_path, tiny_data_dir, cap
         capsys, "convert_model", ["model=/nonexistent.gguf", f"models_dir={tmp_path}"])
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
-    assert f"{fake}: not a GGUF file" in error_line(capsys, "convert_model", [f"model={fake}", f"models_dir={tmp_path}"])
+    assert f"{fake}: not a GGUF file" in error_line(capsys, "convert_model",
+                                                    [f"model={fake}", f"models_dir={tmp_path}"])
 
     root = tmp_path / "runs"
     line = error_line(capsys, "spread", [f"root={root}", "runs=[a,b]"])
