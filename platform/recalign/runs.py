@@ -107,16 +107,17 @@ def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]
 
 
 def _planned(name: str, out_dir: str, key: str, force: bool) -> dict[str, Any]:
-    uri = io.join(out_dir, MARKER)
+    """`run_stage` in a dry run: the stored summary when up to date (`done`), else WouldRun with the reason."""
     if force:
         raise WouldRun(name, "forced (force=[...])")
+    summary = done(out_dir, key)
+    if summary is not None:
+        return summary
+    uri = io.join(out_dir, MARKER)
     if not io.exists(uri):
         raise WouldRun(name, f"no finished output in {out_dir}")
-    marker = io.read_json(uri)
-    if marker.get("fingerprint") != key:
-        raise WouldRun(name, f"config or inputs changed since its last run (fingerprint {marker.get('fingerprint')} "
-                             f"-> {key})")
-    return marker.get("summary", {})
+    raise WouldRun(name, f"config or inputs changed since its last run (fingerprint "
+                         f"{io.read_json(uri).get('fingerprint')} -> {key})")
 
 
 def fingerprint_of(out_dir: str) -> str:

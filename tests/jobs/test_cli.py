@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -29,11 +30,15 @@ JOBS = ["convert_model", "evaluate", "pipeline", "prepare", "reward", "sample", 
 MODULES = {name: name for name in JOBS} | {"serve": "serve.app"}
 
 
-def job_class(module) -> type:
-    found = [v for k, v in vars(module).items() if k.endswith("Job") and dataclasses.is_dataclass(v)
-             and v.__module__ == module.__name__]
-    assert len(found) == 1, found
-    return found[0]
+def _generator():
+    """docs/generate.py, which finds each job's config class for the configuration reference."""
+    spec = importlib.util.spec_from_file_location("generate", os.path.join(REPO, "docs", "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job_class = _generator().job_class
 
 
 def error_line(capsys, name: str, argv: list[str]) -> str:
