@@ -25,7 +25,8 @@ class EvaluateJob:
     run: RunSpec = option(factory=RunSpec, help="the run whose artifacts are evaluated")
     ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
     model: str = option("smollm2", "the run's base LLM: \"smollm2\", \"tiny\" or a local HF folder")
-    models_dir: str = option("models", "where named models are converted or built")
+    models_dir: str = option("", "where named models are converted or built; empty: <run.root>/models when run.root "
+                                 "is a URI or an absolute path (shared on a cluster), else ./models")
     eval: FinalEvalConfig = option(factory=FinalEvalConfig, help="split, subsets, metrics, re-ranker prompts")
     engine: EngineConfig = option(factory=EngineConfig, help="engine of the greedy analyses for KA-SASRec")
 
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     from recalign.llm import resolve_model
 
     cfg = parse_args(EvaluateJob, argv, __doc__)
-    with ray_session(cfg.ray):
-        summary = evaluate_stage(cfg.run, cfg.eval, resolve_model(cfg.model, cfg.models_dir), cfg.engine)
+    models_dir = cfg.run.models(cfg.models_dir)
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root, "models_dir": models_dir}):
+        summary = evaluate_stage(cfg.run, cfg.eval, resolve_model(cfg.model, models_dir), cfg.engine)
     print(summary["table"])
     return summary
 

@@ -3,9 +3,10 @@
 Usage of every job: `python jobs/<job>.py [config.yaml] [key=value ...]`; `--help` lists the keys,
 `print_config=true` prints the resolved config, and a mistake is one `error: ...` line (exit 2, see `run`).
 
-With RAY_ADDRESS set (as `ray job submit` does), a job joins that cluster. Without, it starts an
-embedded local Ray bound to 127.0.0.1 whose files live in a short temp dir (unix socket paths are
-capped at 107 bytes), removed on exit.
+With RAY_ADDRESS set (as `ray job submit` does), a job joins that cluster, ships the recalign its driver
+imported to every worker (runtime_env py_modules) and checks that its storage is shared by every node
+(recalign.cluster). Without, it starts an embedded local Ray bound to 127.0.0.1 whose files live in a
+short temp dir (unix socket paths are capped at 107 bytes), removed on exit.
 """
 
 from __future__ import annotations
@@ -74,13 +75,19 @@ def parse_args(cls: type[T], argv: list[str] | None = None, doc: str | None = No
     return cfg
 
 
+def verbose_flag(argv: list[str] | None = None) -> bool:
+    """Whether the command line says verbose=true."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return any(_truthy(a.partition("=")[2], "verbose") for a in argv if a.split("=")[0] == "verbose")
+
+
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """A job's `__main__`: run `main(argv)`; a UserError (a bad key, file, table, model, storage URI or
     cluster address, also when raised inside a Ray task or Train worker) is printed as one `error: ...` line
     on stderr and exits 2. `verbose=true` re-raises it with its traceback. Other errors are internal and
     keep their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = any(_truthy(a.partition("=")[2], "verbose") for a in argv if a.split("=")[0] == "verbose")
+    verbose = verbose_flag(argv)
     try:
         main(argv)
     except (SystemExit, KeyboardInterrupt):
@@ -92,6 +99,66 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
         message = "; ".join(line.strip() for line in str(user).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def console_to_log(log_uri: str, verbose: bool = False) -> Iterator[Callable[[str], None]]:
+    """A quiet console: everything this process and Ray write to stdout/stderr (worker logs, progress bars,
+    warnings, C++ log lines) goes to the file `log_uri` (a local temp copy uploaded on exit when it is remote),
+    and the block gets `say`, which writes a line to the console as well as the log. `say(text, live=True)`
+    shows a status line that the next one replaces, on a terminal only. With `verbose` nothing is redirected."""
+    if verbose:
+        yield lambda text, live=False: None if live else print(text, flush=True)
+        return
+    from recalign import io
+
+    # Ray Data's progress bars would fill the log with carriage returns; the stage lines say what runs.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    remote = not io.is_local(log_uri)
+    local = tempfile.mkstemp(prefix="recalign-", suffix=".log")[1] if remote else str(io.local_path(log_uri))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    tty = console.isatty()
+    showing = [False]  # a live status line is on the console
+
+    def say(text: str, live: bool = False) -> None:
+        if showing[0]:
+            console.write("\r\033[K")
+            showing[0] = False
+        if live:
+            if tty:
+                console.write(text)
+                console.flush()
+                showing[0] = True
+            return
+        print(text, flush=True)
+        console.write(text + "\n")
+        console.flush()
+
+    log = open(local, "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield say
+    except BaseException:
+        say(f"(the full log: {log_uri})")
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        console.close()
+        log.close()
+        if remote:
+            with open(local, "rb") as handle:
+                io.write_bytes(handle.read(), log_uri)
+            os.remove(local)
 
 
 def _truthy(text: str, key: str) -> bool:
@@ -123,9 +190,14 @@ if not os.environ.get("RAY_ADDRESS"):
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Join the cluster at RAY_ADDRESS, or run an embedded local Ray for the block."""
+def ray_session(cfg: RayConfig, storage: dict[str, str] | None = None) -> Iterator[None]:
+    """Join the cluster at RAY_ADDRESS, or run an embedded local Ray for the block.
+
+    On a cluster the job's workers get this driver's recalign (`shipped_runtime_env`), and every path of
+    `storage` ({config key: path or URI}, e.g. run.root) must be storage all nodes share (`check_storage`)."""
     import ray
+
+    from recalign.cluster import check_driver_code, check_storage, shipped_runtime_env
 
     address = os.environ.get("RAY_ADDRESS", "")
     if address:
@@ -134,13 +206,18 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
         return
     if address:
+        check_driver_code()
+        runtime_env, override = shipped_runtime_env()
+        if override:  # the job was submitted with py_modules of its own: the driver passes the union
+            os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise ClusterError(f"RAY_ADDRESS={address}: cannot join this Ray cluster ({first_line(err)}); start it "
                                "with `ray start --head` (or `ray up cluster.yaml`), or unset RAY_ADDRESS to run on an "
                                "embedded local Ray") from err
         try:
+            check_storage(storage or {})
             yield
         finally:
             ray.shutdown()

@@ -23,12 +23,13 @@ re-rank pairs were rendered with (`pairs.prompt`), exactly as the standalone job
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from dataclasses import dataclass
 
-from launch import RayConfig, parse_args, ray_session, run
+from launch import RayConfig, console_to_log, parse_args, ray_session, run, verbose_flag
 
 from recalign.align.config import PoliciesConfig
 from recalign.align.stage import policies_stage
@@ -47,10 +48,11 @@ from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
 from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
-from recalign.runs import RunSpec
+from recalign.runs import RunSpec, stage_events, tell_stage
 from recalign.sampling.config import SampleConfig
 from recalign.sampling.stage import sample_stage
 
+LOG_FILE = "pipeline.log"  # <run>/pipeline.log: everything the console does not show
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
 STAGES = ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "align", "evaluate")
 # What each stage reads from the run: a stage whose input reruns reruns too (the dry run's "why").
@@ -65,7 +67,8 @@ class PipelineJob:
     run: RunSpec = option(factory=RunSpec, help="run dir: <root>/<name>")
     ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
     model: str = option("smollm2", "the LLM of every stage: \"smollm2\", \"tiny\" (smoke runs) or a local HF folder")
-    models_dir: str = option("models", "where named models are converted or built")
+    models_dir: str = option("", "where named models are converted or built; empty: <run.root>/models when run.root "
+                                 "is a URI or an absolute path (shared on a cluster), else ./models")
     data: DataConfig = option(factory=DataConfig, help="dataset and protocol")
     sasrec: SASRecConfig = option(factory=SASRecConfig, help="SASRec architecture (baseline and KA-SASRec)")
     sasrec_train: SeqTrainConfig = option(factory=SeqTrainConfig, help="SASRec baseline training")
@@ -106,6 +109,7 @@ def resolve(cfg: PipelineJob) -> PipelineJob:
     unknown = sorted((set(cfg.stages) | set(cfg.force)) - set(STAGES))
     if unknown:
         raise ConfigError(f"stages/force: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    cfg.models_dir = cfg.run.models(cfg.models_dir)
     # One LLM for every stage. The prompts need no copying: later stages read them from the run (the knowledge
     # prompt from samples/, the re-rank prompt from pairs/), as the standalone jobs do.
     cfg.sample = dataclasses.replace(cfg.sample, model=cfg.model, models_dir=cfg.models_dir)
@@ -150,8 +154,11 @@ def run_stages(cfg: PipelineJob, log) -> dict:
     model_path = resolve_model(cfg.model, cfg.models_dir) if {"align", "evaluate"} & set(todo) else ""
     if "align" in todo:
         out["align"] = policies_stage(run, cfg.policies, model_path, log, "align" in force)
-    if "evaluate" in todo:
+    if "evaluate" in todo:  # always runs (its systems are cached one by one), so it tells its own events
+        tell_stage("evaluate", "running")
+        began = time.time()
         out["evaluate"] = evaluate_stage(run, cfg.eval, model_path, cfg.sample.engine, log)
+        tell_stage("evaluate", "done", time.time() - began)
     return out
 
 
@@ -200,12 +207,25 @@ def main(argv: list[str] | None = None) -> dict:
     def log(message: str) -> None:
         print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
 
-    log(f"recalign pipeline: run dir {cfg.run.dir()}, model {cfg.model}, stages {cfg.stages}")
-    with ray_session(cfg.ray):
-        summaries = run_stages(cfg, log)
-    print(f"\nresults ({cfg.run.dir('eval', 'metrics.md')}, plots in {cfg.run.dir('eval', 'metrics.png')}):\n")
-    print(summaries.get("evaluate", {}).get("table", "(evaluate stage not run)"))
-    print(f"pipeline finished in {time.time() - start:.0f}s")
+    log_uri, verbose = cfg.run.dir(LOG_FILE), verbose_flag(argv)
+    with console_to_log(log_uri, verbose) as say:
+        def on_stage(stage: str, event: str, seconds: float) -> None:
+            clock = f"[{time.time() - start:6.0f}s]"
+            if event == "running":
+                say(f"{clock} {stage:<20} running...", live=True)
+            else:
+                say(f"{clock} {stage:<20} " + ("up to date, skipped" if event == "skipped" else
+                                               f"done in {seconds:.0f}s"))
+
+        say(f"recalign pipeline: run dir {cfg.run.dir()}, model {cfg.model}" + (
+            "" if verbose else f" (the full log: {log_uri}; verbose=true shows it here)"))
+        events = contextlib.nullcontext() if verbose else stage_events(on_stage)  # verbose: the stages' own lines
+        storage = {"run.root": cfg.run.root, "models_dir": cfg.models_dir}
+        with events, ray_session(cfg.ray, storage=storage):
+            summaries = run_stages(cfg, log)
+        say(f"\nresults ({cfg.run.dir('eval', 'metrics.md')}, plots in {cfg.run.dir('eval', 'metrics.png')}):\n")
+        say(summaries.get("evaluate", {}).get("table", "(evaluate stage not run)"))
+        say(f"pipeline finished in {time.time() - start:.0f}s")
     return summaries
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise ConfigError(f"stages/force: unknown stage(s) {unknown}; stages are {list(STAGES)}")
     summaries = {}
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root, "pairs.models_dir": cfg.pairs.models_dir}):
         if "embeddings" in cfg.stages:
             summaries["embeddings"] = embeddings_stage(cfg.run, cfg.encoder, force="embeddings" in cfg.force)
         if "reward_model" in cfg.stages:

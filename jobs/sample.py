@@ -32,8 +32,8 @@ class SampleJob:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(SampleJob, argv, __doc__)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    prepare_stage(cfg.run, cfg.data, log)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root, "sample.models_dir": cfg.sample.models_dir}):
+        prepare_stage(cfg.run, cfg.data, log)
         return sample_stage(cfg.run, cfg.sample, log)
 
 

@@ -29,8 +29,8 @@ class TrainSASRecJob:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(TrainSASRecJob, argv, __doc__)
-    prepare_stage(cfg.run, cfg.data)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root}):
+        prepare_stage(cfg.run, cfg.data)
         return sasrec_stage(cfg.run, cfg.model, cfg.train)
 
 

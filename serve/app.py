@@ -55,7 +55,8 @@ class Reranker:
 class ServeJob:
     run_dir: str = option("runs/demo", "run whose data/ (item titles) the service reads")
     model: str = option("smollm2", "base model: \"smollm2\" (converted default) or a local HF folder")
-    models_dir: str = option("models", "where converted models live")
+    models_dir: str = option("", "where converted models live; empty: <run root>/models (the run dir's parent) when "
+                                 "run_dir is a URI or an absolute path, else ./models")
     adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir); empty = base model")
     host: str = option("127.0.0.1", "HTTP host of the embedded Serve proxy")
     port: int = option(8000, "HTTP port of the embedded Serve proxy")
@@ -76,7 +77,9 @@ def build(cfg: ServeJob, loader=None):
         raise MissingInputError(f"adapter={cfg.adapter}: {adapter} is not a LoRA adapter folder (no "
                                 "adapter_config.json); use a policy of the run, e.g. policy/rerank/sft+sdpo, or "
                                 "adapter='' for the base model")
-    model_path = str(resolve_model(cfg.model, cfg.models_dir))
+    run_dir = cfg.run_dir.rstrip("/")
+    models_dir = RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".").models(cfg.models_dir)
+    model_path = str(resolve_model(cfg.model, models_dir))
     deployment = Reranker.options(num_replicas=cfg.replicas, ray_actor_options={
         "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
     return deployment.bind(data_dir, model_path, adapter or None, asdict(cfg.rerank),
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_args(ServeJob, argv, __doc__)
     app = build(cfg)  # checks the run, the adapter and the model before Ray starts
-    with ray_session(RayConfig()):
+    with ray_session(RayConfig(), storage={"run_dir": cfg.run_dir}):
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(app, name="recalign", route_prefix="/rerank", blocking=True)
 

@@ -48,3 +48,17 @@ def test_local_copy_of_a_remote_directory_is_temporary(remote_root, tmp_path):
             pass
     with pytest.raises(ValueError, match="stage the files locally"):
         io.local_path(remote_root + "adapters/sft")
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_replace_dir_puts_exactly_the_new_files_in_place(tmp_path, remote_root, where):
+    base = str(tmp_path / "out") if where == "local" else f"{remote_root}out"
+    for version, names in ((1, ["a.txt", "old.txt"]), (2, ["a.txt", "sub/b.txt"])):
+        src = tmp_path / f"v{version}"
+        for name in names:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(f"{version}")
+        io.replace_dir(str(src), io.join(base, "folder"))
+    assert io.read_text(io.join(base, "folder", "a.txt")) == "2"
+    assert io.read_text(io.join(base, "folder", "sub", "b.txt")) == "2"
+    assert not io.exists(io.join(base, "folder", "old.txt"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -76,6 +77,24 @@ def write_parquet(table: pa.Table, uri: str | Path) -> None:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
         raise
+
+
+def replace_dir(local_dir: str | Path, uri: str | Path) -> None:
+    """Put a local folder's files at `uri`, replacing what is there. Locally: a full sibling, then a rename.
+    Object stores (s3://, gs://) cannot rename a folder, so there the files are uploaded in place after the old
+    folder is deleted; what makes the folder trusted is the stage marker its stage writes after this returns."""
+    fs, path = resolve(uri)
+    parent = path.rstrip("/").rpartition("/")[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = _tmp_sibling(path)
+        shutil.copytree(local_dir, tmp)
+        _replace(fs, tmp, path)
+        return
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -9,6 +9,8 @@
 - Fingerprint keys: `learning_key` drops the settings that change where or how fast a stage runs,
   not what it makes (`INFRA_KEYS`); `input_key` is the fingerprint of an upstream stage's output.
 - Dry runs (`dry_run`): `run_stage` reports what it would do (`WouldRun`) instead of doing it.
+- Stage events (`stage_events`): who wants one line per stage (the pipeline's console) hears when a
+  stage starts, is skipped, or is done.
 - `slug`: a system or policy name as a file or run name. `Log`: what every stage logs with.
 """
 
@@ -29,6 +31,7 @@ from recalign.errors import MissingInputError
 
 Log = Callable[[str], None]
 MARKER = "_stage.json"
+MODELS = "models"  # <run.root>/models: converted models shared by the runs of one root
 # Config fields that change where, how fast or how safely a stage runs, not what it makes. They are left
 # out of fingerprints, so changing them (more workers, another GPU, fewer kept checkpoints) reruns nothing.
 INFRA_KEYS = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep",
@@ -43,9 +46,18 @@ class RunSpec:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if self.name == MODELS:
+            raise ValueError(f"run.name={MODELS!r} is where <run.root>/{MODELS} keeps converted models; pick another")
 
     def dir(self, *parts: str) -> str:
         return io.join(self.root if "://" in self.root else os.path.abspath(self.root), self.name, *parts)
+
+    def models(self, models_dir: str = "") -> str:
+        """Where named models are converted: `models_dir` when set; else `<root>/models` when the root is a URI
+        or an absolute path (on a cluster: shared storage, beside the runs), else ./models."""
+        if models_dir:
+            return models_dir
+        return io.join(self.root, MODELS) if "://" in self.root or os.path.isabs(self.root) else MODELS
 
 
 def done(out_dir: str, key: str) -> dict[str, Any] | None:
@@ -66,6 +78,24 @@ class WouldRun(Exception):
 
 
 _dry_run = False
+_listeners: list[Callable[[str, str, float], None]] = []
+
+
+@contextlib.contextmanager
+def stage_events(listener: Callable[[str, str, float], None]) -> Iterator[None]:
+    """Call `listener(stage, event, seconds)` for every `run_stage` in the block; event is "running",
+    "skipped" (up to date) or "done" (seconds: how long it ran)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def tell_stage(stage: str, event: str, seconds: float = 0.0) -> None:
+    """Tell the `stage_events` listeners (run_stage does; a stage that always runs tells its own)."""
+    for listener in list(_listeners):
+        listener(stage, event, seconds)
 
 
 @contextlib.contextmanager
@@ -93,8 +123,10 @@ def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]
         summary = done(out_dir, key)
         if summary is not None:
             log(f"[{name}] up to date ({key}), skipped")
+            tell_stage(name, "skipped")
             return summary
     log(f"[{name}] running ({key})")
+    tell_stage(name, "running")
     start = time.time()
     uri = io.join(out_dir, MARKER)
     if io.exists(uri):
@@ -103,6 +135,7 @@ def run_stage(name: str, out_dir: str, key: str, fn: Callable[[], dict[str, Any]
     seconds = time.time() - start
     io.write_json({"stage": name, "fingerprint": key, "seconds": seconds, "summary": summary}, uri)
     log(f"[{name}] done in {seconds:.0f}s")
+    tell_stage(name, "done", seconds)
     return summary
 
 

@@ -105,6 +105,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
+    from recalign.llm.store import local_model
     from recalign.pairs.read import load_pairs
 
     spec: AlignSpec = config["spec"]
@@ -117,11 +118,12 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    model_path = local_model(spec.model_path)  # a model on shared storage: this node's cached copy
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed),
                             cfg)
-    model = build_policy(spec.model_path, cfg, device, spec.init_adapter)
+    model = build_policy(model_path, cfg, device, spec.init_adapter)
     tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
     state = restore(ray.train.get_checkpoint(), model, tb_dir if rank == 0 else None)
     state.starts.append(state.step)

@@ -73,7 +73,8 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
 def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
     """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
     train = learning_key(cfg)
-    model = hashlib.sha256(io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))).hexdigest()
+    config = io.join(model_path if "://" in model_path else os.path.abspath(model_path), "config.json")
+    model = hashlib.sha256(io.read_bytes(config)).hexdigest()
     pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
     init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""
     return fingerprint({"train": train, "model": model, "pairs": pairs, "init": init})

@@ -69,7 +69,8 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     from recalign.distributed import fit_torch_trainer
     from recalign.pairs.read import load_pairs
 
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
+    # A model published on shared storage (a URI) is pulled by each worker into its node's cache (llm.store).
+    if "://" not in model_path and not os.path.isfile(os.path.join(model_path, "config.json")):
         raise MissingInputError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
     # Fail here, not in every worker.
     num_examples = len(load_pairs(pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed))
@@ -78,7 +79,8 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     tb_dir = io.join(storage_path, name, "tensorboard") if "://" not in storage_path else ""
     if init_adapter and io.is_local(init_adapter):
         init_adapter = os.path.abspath(init_adapter)  # workers may run in another directory
-    spec = AlignSpec(cfg, os.path.abspath(model_path), list(pairs_uris), tb_dir, init_adapter)
+    model_path = model_path if "://" in model_path else os.path.abspath(model_path)
+    spec = AlignSpec(cfg, model_path, list(pairs_uris), tb_dir, init_adapter)
     label = cfg.loss_type if cfg.num_train_epochs or cfg.max_steps else "sft"
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}")
@@ -131,24 +133,11 @@ def _summary(ckpt_dir: str, spec: AlignSpec, num_examples: int, seconds: float) 
 
 
 def publish(ckpt_dir: str, out_dir: str, summary: dict[str, Any]) -> None:
-    """Adapter + metrics.json + tensorboard/ into out_dir, atomically: a full sibling, then a rename."""
+    """Adapter + metrics.json + tensorboard/ into out_dir (io.replace_dir: locally a full sibling, then a rename)."""
     with tempfile.TemporaryDirectory() as staging:
         for fname in ADAPTER_FILES:
             shutil.copy2(os.path.join(ckpt_dir, "adapter", fname), os.path.join(staging, fname))
         if os.path.isdir(os.path.join(ckpt_dir, "tensorboard")):
             shutil.copytree(os.path.join(ckpt_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
         io.write_json(summary, os.path.join(staging, "metrics.json"))
-        _replace_dir(staging, out_dir)
-
-
-def _replace_dir(local_dir: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = io.resolve(uri)
-    parent, _, leaf = path.rstrip("/").rpartition("/")
-    tmp = f"{parent}/.tmp-{os.urandom(4).hex()}-{leaf}"
-    fs.create_dir(parent, recursive=True)
-    pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-    fs.move(tmp, path)
+        io.replace_dir(staging, out_dir)

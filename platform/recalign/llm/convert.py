@@ -21,7 +21,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from recalign import io
 from recalign.errors import UserError
+from recalign.llm import store
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_FOLDER = "smollm2-135m-instruct"
@@ -54,9 +56,15 @@ def resolve_model(name_or_path: str, models_dir: str | Path = "models", convert:
     - "tiny": a tiny random Llama under `<models_dir>/tiny-llama` (built on demand; smoke runs only);
     - a `.gguf` file: converted to `<models_dir>/<file stem, lowercased>`;
     - a folder with config.json: passed through unchanged.
+
+    With `models_dir` on shared storage (s3://..., a cluster's run root) the named models live there instead:
+    built once into this node's cache, published to `<models_dir>/<folder>` (recalign.llm.store), and the URI
+    is returned; whatever loads it pulls it into its own node's cache (`store.local_model`).
     """
     from recalign.runs import dry_running
 
+    if store.is_remote(models_dir):
+        return _resolve_shared(name_or_path, str(models_dir), convert and not dry_running())
     models_dir = Path(models_dir)
     convert = convert and not dry_running()  # a dry run converts and builds nothing
     if name_or_path == DEFAULT_MODEL:
@@ -79,6 +87,38 @@ def resolve_model(name_or_path: str, models_dir: str | Path = "models", convert:
         return str(path.resolve())
     raise ModelError(f"model {name_or_path!r}: not {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a .gguf file, or a local "
                      "folder with config.json (nothing is downloaded at run time)")
+
+
+def _resolve_shared(name_or_path: str, models_dir: str, convert: bool) -> str:
+    """`resolve_model` for a remote `models_dir`: the published folder's URI, converting and publishing it first
+    when it is missing or was converted from another GGUF."""
+    if name_or_path == DEFAULT_MODEL:
+        folder, source = DEFAULT_FOLDER, default_gguf_path()
+    elif name_or_path == TINY_MODEL:
+        folder, source = TINY_FOLDER, None
+    elif Path(name_or_path).suffix == ".gguf":
+        if not Path(name_or_path).is_file():
+            raise ModelError(f"model {name_or_path!r}: GGUF file not found")
+        folder, source = Path(name_or_path).stem.lower(), Path(name_or_path)
+    else:
+        return resolve_model(name_or_path, "models", convert)  # a local folder: passed through unchanged
+    uri = io.join(models_dir, folder)
+    if store.published(uri) is not None and (source is None or _remote_digest(uri) == gguf_digest(source)):
+        return uri
+    if not convert:
+        raise ModelError(f"{uri}: not converted yet; the first run (or jobs/convert_model.py models_dir="
+                         f"{models_dir}) converts it there")
+    staging = store.cache_root() / f".build-{uuid.uuid4().hex[:8]}"
+    try:
+        local = resolve_model(name_or_path, staging, convert=True)
+        return store.publish(local, uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remote_digest(uri: str) -> str | None:
+    marker = io.join(uri, MARKER)
+    return io.read_json(marker).get("gguf_sha256") if io.exists(marker) else None
 
 
 def _converted(gguf_path: Path, out_dir: Path, convert: bool) -> Path:

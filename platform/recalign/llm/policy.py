@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from recalign import io
+from recalign.llm.store import fingerprint, local_model
 
 
 def model_fingerprint(model_path: str) -> str:
-    """A stable hash of a local model folder: its config and the names and sizes of its files (cache keys)."""
-    import hashlib
-    import os
-
-    config = io.read_bytes(io.join(os.path.abspath(model_path), "config.json"))
-    listing = sorted((name, os.path.getsize(os.path.join(model_path, name))) for name in os.listdir(model_path)
-                     if os.path.isfile(os.path.join(model_path, name)))
-    return hashlib.sha256(config + repr(listing).encode()).hexdigest()[:16]
+    """A stable hash of a model folder (local, or published on shared storage): its config and the names and
+    sizes of its files (cache keys)."""
+    return fingerprint(model_path)
 
 
 def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "float32"):
@@ -21,6 +17,7 @@ def load_policy(model_path: str, adapter_path: str | None = None, dtype: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_path = local_model(model_path)  # a model on shared storage: this node's cached copy
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     if adapter_path:

@@ -69,6 +69,7 @@ def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> t
         return knowledge_pairs(load_samples(run.dir("samples"), PAIRS_SPLIT), rewards, cfg)
     from transformers import AutoTokenizer
 
+    from recalign.llm.store import local_model
     from recalign.recsys.train import load_model, score_split
 
     data = Dataset(run.dir("data"))
@@ -76,5 +77,5 @@ def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> t
     if cfg.negatives == "hard":
         split = data.split(PAIRS_SPLIT)
         scores = score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
-    return rerank_pairs(data, AutoTokenizer.from_pretrained(model_path), cfg, np.asarray(scores) if scores is not None
-                        else None)
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model_path))
+    return rerank_pairs(data, tokenizer, cfg, np.asarray(scores) if scores is not None else None)

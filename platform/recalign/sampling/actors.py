@@ -53,9 +53,10 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         from recalign.data.dataset import Dataset
+        from recalign.llm.store import local_model
 
         self.items = Dataset(data_dir).items
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_model(tokenizer_path))
         if not self.tokenizer.chat_template:
             raise ValueError(f"{tokenizer_path}: tokenizer has no chat template; prompts need one")
         self.prompt = prompt

@@ -88,7 +88,10 @@ def make_engine(cfg: EngineConfig, model_path: str, seed: int, adapters: Sequenc
 
     `adapters`: LoRA adapter folders (PEFT format, any run-storage URI) that requests may name, so one
     engine serves the base model and several fine-tuned policies without merging or reloading."""
+    from recalign.llm.store import local_model
+
     name = resolve_engine_name(cfg.engine)
+    model_path = local_model(model_path)  # a model on shared storage: this node's cached copy
     if name == "vllm":
         return VLLMEngine(model_path, seed, cfg, adapters)
     if name == "hf":
