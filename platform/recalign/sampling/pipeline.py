@@ -107,6 +107,9 @@ def _sample_users(cfg: SampleConfig, data_dir: str, out_dir: str, model_path: st
                         batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=1), num_cpus=0.25)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries; its extra kwargs are the way.
+        # The restarts bound the job; a batch is retried for as long as its actor comes back. A count of retries
+        # would not do: when a node is lost, each retry fails at once (ActorUnavailableError) until the head
+        # declares the node dead after its missed heartbeats (~15 s), so three are spent before the restart.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ds.map_batches(
             SamplerStage,
@@ -115,7 +118,7 @@ def _sample_users(cfg: SampleConfig, data_dir: str, out_dir: str, model_path: st
                                        top_p=cfg.top_p, model_name=cfg.model, seed=cfg.seed),
             batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus,
-            max_restarts=cfg.max_actor_restarts, max_task_retries=cfg.max_actor_restarts)
+            max_restarts=cfg.max_actor_restarts, max_task_retries=-1 if cfg.max_actor_restarts else 0)
     users_done = rows = tokens = 0
     start = time.perf_counter()
     for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
