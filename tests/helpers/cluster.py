@@ -269,6 +269,25 @@ def _slow_engine(markers: str, delay: float):
     return SlowEngine()
 
 
+def _storage_checks(out: str) -> dict:
+    """What a job joining this cluster checks of its storage (recalign.cluster.check_storage): a relative
+    run.root is refused; an absolute one is probed from every node (here all share one disk, so it passes)."""
+    from recalign.cluster import alive_nodes, check_storage
+    from recalign.errors import ClusterError
+
+    nodes = alive_nodes()
+    checks: dict = {"nodes": len(nodes)}
+    try:
+        check_storage({"run.root": "runs"}, nodes)
+        checks["relative"] = "accepted"
+    except ClusterError as err:
+        checks["relative"] = str(err)
+    root = os.path.join(out, "shared")
+    check_storage({"run.root": root}, nodes)
+    checks["probe_left"] = os.listdir(root) if os.path.isdir(root) else []
+    return checks
+
+
 def sample_scenario(data_dir: str, model_dir: str, out: str, ray_tmp: str, num_samples: int,
                     max_actor_restarts: int) -> dict:
     """run_sampling with 2 sampler actors on 2 nodes; once both are inside their first batch, the worker node
@@ -291,6 +310,7 @@ def sample_scenario(data_dir: str, model_dir: str, out: str, ray_tmp: str, num_s
         head = cluster.head_node.node_id
         result.update(head=head, workers=[n.node_id for n in cluster.worker_nodes],
                       cluster_seconds=round(time.perf_counter() - began, 1))
+        result["storage"] = _storage_checks(out)
 
         def busy_worker_node() -> str | None:
             nodes = {m["node"] for m in _markers(markers, "batch")}

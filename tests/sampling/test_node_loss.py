@@ -24,6 +24,10 @@ def test_a_node_lost_under_an_actor_still_gives_exactly_n_rows_per_user(tiny_dat
     result = run_scenario("sample", str(tmp_path / "sample"), "--data", tiny_data_dir, "--model", str(tiny_llama_dir),
                           "--num-samples", str(n), "--retries", "3")
     assert not result["errors"] and "run_error" not in result, result
+    storage = result["storage"]  # what a job checks when it joins this cluster
+    assert storage["nodes"] == 3 and storage["relative"].startswith(
+        "run.root=runs: a relative path on a 3-node Ray cluster is each node's own disk"), storage
+    assert storage["probe_left"] == [], "the probe files of the driver and of every node are removed"
     removed, batches = result["removed"], result["batches"]
     before = [b for b in batches if b["time"] < result["removed_at"]]
     assert len({b["node"] for b in before}) == 2 and removed in {b["node"] for b in before}, "an actor on each node"
