@@ -4,7 +4,8 @@
 
 Needs the run's data/ and pairs/rerank.parquet (the pipeline's earlier stages). Re-running the same
 command continues an interrupted sweep (Tuner.restore). Writes runs/<name>/sweep/: results.md,
-results.csv, sweep.png and best.json, which the pipeline reads with `align_from_sweep=true`.
+results.csv, sweep.png and best.json, which the pipeline reads with `align_from_sweep=true`. A failed
+trial is retried from its last rung (`sweep.max_failures`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SweepJob:
                                    "policies do; '' = a fresh LoRA on the base model")
     align: AlignConfig = option(factory=AlignConfig, help="base alignment config (searched fields overridden)")
     rerank: RerankConfig = option(factory=RerankConfig, help="validation re-ranker prompts and scoring")
-    sweep: SweepConfig = option(factory=SweepConfig, help="search space, ASHA, validation users")
+    sweep: SweepConfig = option(factory=SweepConfig, help="search space, ASHA, retries, validation users")
 
 
 def validation_inputs(cfg: SweepJob, model_path: str) -> tuple[list[str], np.ndarray, int]:
@@ -85,9 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) -> str:
     """The sweep's identity: what its trials learn and are scored on. Concurrency, workers and fault
-    tolerance are left out, so changing them continues an interrupted sweep instead of starting anew
-    (a restored sweep keeps the concurrency it was started with: Tune stores its TuneConfig)."""
-    sweep = {k: v for k, v in to_dict(cfg.sweep).items() if k != "max_concurrent"}
+    tolerance (trial retries, INFRA_KEYS) are left out, so changing them continues an interrupted sweep
+    instead of starting anew (a restored sweep keeps the concurrency and retries it was started with:
+    Tune stores its TuneConfig and RunConfig)."""
+    sweep = {k: v for k, v in learning_key(cfg.sweep).items() if k != "max_concurrent"}
     align = learning_key(cfg.align)
     return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": to_dict(cfg.rerank),
                                    "prompt": to_dict(rerank_prompt(cfg.run)),

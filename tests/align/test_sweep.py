@@ -1,12 +1,13 @@
 """Ray Tune sweep of the alignment stage: the search spaces, a real two-trial sweep on the tiny Llama
-(every rung reported, results written, the best config and adapter loadable), and an interrupted
-sweep that continues: a trial that errored once, and (slow) a sweep job whose driver was killed."""
+(every rung reported, results written, the best config and adapter loadable), a failed trial retried
+within the sweep, and an interrupted sweep that continues: a trial that errored (no retries left)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,23 @@ class FailOnce:
         except FileExistsError:
             return
         raise RuntimeError(f"injected failure after step {step}")
+
+
+@dataclasses.dataclass
+class FailOncePerTrial:
+    """Hook: the first attempt of every trial raises after optimizer step `step`. The marker is one file per
+    Ray Train run, i.e. per trial (its runs are named sweep-<trial id>), so the trial's retry trains on."""
+
+    marker_dir: str
+    step: int
+
+    def __call__(self, step: int, rank: int) -> None:
+        import ray.train
+
+        marker = os.path.join(self.marker_dir, ray.train.get_context().get_experiment_name())
+        if step == self.step and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError(f"injected failure after step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +200,42 @@ def test_asha_stops_trials_below_the_rung_cutoff(ray_local, tiny_llama_dir, swee
     assert frame["rungs"].tolist() == [2, 1, 1] and frame[METRIC].tolist() == pytest.approx([0.5, 1 / 3, 1 / 4])
 
 
+@dataclasses.dataclass
+class CountedScore:
+    """A trial scorer that scores 0.5 and leaves one file per call in `counter_dir` (safe for concurrent trials)."""
+
+    counter_dir: str
+
+    def __call__(self, adapter: str) -> dict:
+        open(os.path.join(self.counter_dir, uuid.uuid4().hex), "w").close()
+        return {METRIC: 0.5, "valid_hr@1": 0.0, "valid_mrr": 0.0}
+
+
+@pytest.mark.ray
+def test_a_failed_trial_is_retried_from_its_last_rung_within_the_same_fit(ray_local, tiny_llama_dir, sweep_inputs,
+                                                                        tmp_path):
+    """Both trials fail once, after step 3 (in rung 2, after their rung-1 report); with max_failures=1 Tune
+    retries each from its rung-1 checkpoint in the same fit, so one fit finishes both. The retry shows: rung 2
+    was reported by a new trial process, as the first result since a restore."""
+    markers, counter = tmp_path / "failed", tmp_path / "calls"
+    markers.mkdir()
+    counter.mkdir()
+    spec = dataclasses.replace(_spec(sweep_inputs, tiny_llama_dir, tmp_path, hooks=[FailOncePerTrial(str(markers), 3)]),
+                               scorer=CountedScore(str(counter)))  # no re-ranker: the retries are what is tested
+    results = run_sweep(dataclasses.replace(TWO_TRIALS, max_failures=1), spec, storage_path=spec.storage_path,
+                        name="sweep-retry")
+    assert len(results) == 2 and not results.errors
+    assert sorted(os.listdir(markers)) == sorted(f"sweep-{r.metrics['trial_id']}" for r in results)
+    for result in results:
+        history = result.metrics_dataframe
+        assert history["rung"].tolist() == [1, 2], "rung 1 was reported once, before the failure"
+        assert history["pid"].nunique() == 2 and result.metrics["iterations_since_restore"] == 1
+        assert result.metrics["steps"] == 4 and adapter_metrics(result.metrics["adapter"])["steps"] == 4
+    assert len(os.listdir(counter)) == 4, "each rung of each trial was scored once"
+    frame = results_frame(results)
+    assert (frame["error"] == "").all() and (frame["rungs"] == 2).all()
+
+
 def test_load_best_without_a_sweep_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run jobs/sweep.py first"):
         load_best(str(tmp_path))
@@ -205,7 +259,8 @@ def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_a
     (Tuner.restore, resume_errored): it trains rung 2 on from its rung-1 Train checkpoint; the other trial,
     finished, is not run again."""
     spec = _spec(sweep_inputs, tiny_llama_dir, tmp_path, hooks=[FailOnce(str(tmp_path / "failed"), step=3)])
-    first = run_sweep(TWO_TRIALS, spec, storage_path=spec.storage_path, name="sweep-restore", log=print)
+    no_retries = dataclasses.replace(TWO_TRIALS, max_failures=0)  # the error ends the trial in this run
+    first = run_sweep(no_retries, spec, storage_path=spec.storage_path, name="sweep-restore", log=print)
     assert len(first) == 2 and len(first.errors) == 1 and "injected failure after step 3" in str(first.errors[0])
     errored = next(r for r in first if r.error)
     finished = next(r for r in first if not r.error)
@@ -214,7 +269,7 @@ def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_a
     finished_mtime = os.stat(finished_adapter).st_mtime_ns
 
     logs = []
-    again = run_sweep(TWO_TRIALS, spec, storage_path=spec.storage_path, name="sweep-restore", log=logs.append)
+    again = run_sweep(no_retries, spec, storage_path=spec.storage_path, name="sweep-restore", log=logs.append)
     assert len(logs) == 1 and "restoring the sweep" in logs[0]
     assert len(again) == 2 and not again.errors
     by_trial = {r.metrics["trial_id"]: r for r in again}

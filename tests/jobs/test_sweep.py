@@ -25,6 +25,29 @@ def test_shipped_sweep_yaml_is_an_eight_trial_grid():
     assert len(draw_trials(cfg.sweep)) == 8 and cfg.sweep.rungs == 2 and cfg.align.num_workers == 2
 
 
+def test_sweep_name_is_what_the_trials_learn_not_how_they_run(tmp_path):
+    """Retries and concurrency change how a sweep runs, not what it finds: changing them continues the sweep;
+    a searched value starts another. A config without the retries key gets the name it had before the key."""
+    import dataclasses
+
+    import sweep
+
+    from recalign.config import fingerprint, to_dict
+    from recalign.pairs.stage import rerank_prompt
+    from recalign.runs import RunSpec, learning_key
+
+    cfg = sweep.SweepJob(run=RunSpec(name="t", root=str(tmp_path)))
+    name = sweep.sweep_name(cfg, "model", "", "pairs")
+    ran_otherwise = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, max_failures=0, max_concurrent=4))
+    assert sweep.sweep_name(ran_otherwise, "model", "", "pairs") == name
+    assert sweep.sweep_name(dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, betas=[0.5])), "model", "",
+                            "pairs") != name
+    before = {k: v for k, v in to_dict(cfg.sweep).items() if k not in ("max_concurrent", "max_failures")}
+    assert name == "sweep-" + fingerprint({"sweep": before, "align": learning_key(cfg.align), "init": "",
+                                           "rerank": to_dict(cfg.rerank), "prompt": to_dict(rerank_prompt(cfg.run)),
+                                           "model": "model", "pairs": "pairs"})
+
+
 def _trials_done(storage_dir, rungs: int) -> set[str]:
     """Trials that, in the sweep state saved to storage (what Tuner.restore reads), finished or reported their
     last rung. Tune syncs that state when a trial checkpoints (each rung does), not when it terminates."""

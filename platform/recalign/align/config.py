@@ -122,12 +122,16 @@ class SweepConfig:
     grace_period: int = option(1, "ASHA: rungs every trial runs before it can be stopped")
     reduction_factor: int = option(2, "ASHA: keep the top 1/reduction_factor at each rung")
     max_concurrent: int = option(1, "trials at once (each runs a TorchTrainer of align.num_workers workers)")
+    max_failures: int = option(2, "retries of a failed trial within the sweep, each from its last reported rung; "
+                                  "a trial that fails more often errors (running the sweep again resumes it)")
     valid_users: int = option(64, "seeded subset of validation users the re-ranker is scored on; 0 = all")
     seed: int = option(0, "validation subset and random search")
 
     def __post_init__(self) -> None:
         if set(self.loss_types) - set(LOSS_TYPES):
             raise ValueError(f"loss_types must be among {list(LOSS_TYPES)}, got {self.loss_types}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         if "dpo" in self.loss_types and set(self.num_negatives) - {1}:
             raise ValueError("sweep.loss_types has dpo, which takes K=1 only, but num_negatives has "
                              f"{self.num_negatives}: search dmpo/sdpo (DPO at K=1) or dpo_pairwise_mean")

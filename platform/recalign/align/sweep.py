@@ -118,8 +118,10 @@ def _rungs_done(checkpoint) -> int:
 def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Log = print):
     """Run (or, when `storage_path/name` holds an interrupted sweep, continue) the Tune sweep.
 
-    A continued sweep keeps its finished trials, resumes the errored and unfinished ones from their
-    last reported rung, and keeps the search space and ASHA settings it was started with.
+    A trial that fails is retried up to cfg.max_failures times in the same run, from its last reported
+    rung. A continued sweep keeps its finished trials, resumes the errored and unfinished ones from their
+    last reported rung, and keeps the search space, ASHA and retry settings it was started with (Tune
+    stores them with the sweep).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -138,6 +140,7 @@ def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, l
                                         max_concurrent_trials=cfg.max_concurrent,
                                         search_alg=None if cfg.search == "grid" else _seeded_search(cfg.seed)),
             run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()
 
