@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "configuration.md")
 # Pipeline first (the job most people run), then the stage jobs in pipeline order, then the tools.
 JOBS = ["pipeline", "prepare", "train_sasrec", "sample", "reward", "train_dpo", "evaluate", "sweep", "spread",
-        "convert_model", "serve.app"]
+        "convert_model", "check", "serve.app"]
 
 
 def job_class(module) -> type:

@@ -4,8 +4,8 @@
     ray job submit --address http://<head>:8265 --working-dir . -- sh jobs/run check run.root=s3://bucket/runs
 
 Prints the nodes and their resources; the recalign that the driver, a task on every node, a Ray Data
-actor and a Ray Train worker import (one version and the submitted copy everywhere: the job ships its
-library with it); and whether run.root and models_dir are storage every node shares (a relative path
+actor, a Ray Train worker and (serve_port=<port>) a Serve replica import (one version and the submitted
+copy everywhere: the job ships its library with it); and whether run.root and models_dir are storage every node shares (a relative path
 on a multi-node cluster is an error; other paths are probed from every node). Exits 2 on a problem.
 """
 
@@ -25,6 +25,8 @@ from recalign.runs import RunSpec
 class CheckJob:
     run: RunSpec = option(factory=RunSpec, help="the run root to check (run.root)")
     ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
+    serve_port: int = option(0, "> 0: also start a Serve replica (Serve's proxy on 127.0.0.1:<port> if Serve is not "
+                                "running yet) and report its recalign; the app is deleted after")
     models_dir: str = option("", "where models are converted; empty: <run.root>/models when run.root is a URI or "
                                  "an absolute path, else ./models")
 
@@ -38,9 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
         for node in nodes:
             resources = {k: v for k, v in node["Resources"].items() if not k.startswith("node:")}
             print(f"  {node['NodeManagerAddress']} {node['NodeID'][:8]}  {resources}")
-        report = code_report(nodes)
+        report = code_report(nodes, cfg.serve_port)
     seen = [("driver", report["driver"])] + [(f"task on node {r['node']}", r) for r in report["tasks"]] + [
-        ("Ray Data actor", report["data_actor"]), ("Ray Train worker", report["train_worker"])]
+        ("Ray Data actor", report["data_actor"]), ("Ray Train worker", report["train_worker"])] + (
+        [("Serve replica", report["serve_replica"])] if "serve_replica" in report else [])
     print("recalign imported by:")
     for who, where in seen:
         print(f"  {who:<24} {where['version']}  {where['path']}")

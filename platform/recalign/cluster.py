@@ -137,9 +137,10 @@ def process_report() -> dict[str, str]:
             "node": ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else ""}
 
 
-def code_report(nodes: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The recalign seen by the driver, by a task on every node, by a Ray Data actor and by a Ray Train
-    worker: a job that ships its code sees one version everywhere."""
+def code_report(nodes: Iterable[dict[str, Any]] | None = None, serve_port: int = 0) -> dict[str, Any]:
+    """The recalign seen by the driver, by a task on every node, by a Ray Data actor, by a Ray Train worker and
+    (`serve_port` > 0: Serve's HTTP proxy on 127.0.0.1 there, when Serve is not running yet) by a Serve replica:
+    a job that ships its code sees one version everywhere."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -147,8 +148,29 @@ def code_report(nodes: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]
     task = ray.remote(num_cpus=0)(process_report)
     tasks = ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                      .remote() for n in nodes], timeout=300)
-    return {"driver": process_report(), "tasks": tasks, "data_actor": _data_actor_report(),
-            "train_worker": _train_worker_report()}
+    report = {"driver": process_report(), "tasks": tasks, "data_actor": _data_actor_report(),
+              "train_worker": _train_worker_report()}
+    if serve_port:
+        report["serve_replica"] = _serve_replica_report(serve_port)
+    return report
+
+
+def _serve_replica_report(port: int) -> dict[str, str]:
+    """A one-replica Serve app (its own name, deleted after) that answers with its process report."""
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Reporter:
+        def __call__(self) -> dict[str, str]:
+            return process_report()
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    name = f"recalign-check-{uuid.uuid4().hex[:8]}"
+    handle = serve.run(Reporter.bind(), name=name, route_prefix=None)
+    try:
+        return handle.remote().result(timeout_s=300)
+    finally:
+        serve.delete(name)
 
 
 class _Reporter:

@@ -25,7 +25,7 @@ from recalign.data.loaders import DataError
 from recalign.errors import ClusterError, UserError, find_user_error
 from tests.helpers import REPO
 
-JOBS = ["convert_model", "evaluate", "pipeline", "prepare", "reward", "sample", "spread", "sweep", "train_dpo",
+JOBS = ["check", "convert_model", "evaluate", "pipeline", "prepare", "reward", "sample", "spread", "sweep", "train_dpo",
         "train_sasrec"]
 MODULES = {name: name for name in JOBS} | {"serve": "serve.app"}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO
-from tests.helpers.ray_head import ray_cmd, ray_head
+from tests.helpers.ray_head import free_ports, ray_cmd, ray_head
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_jobs_submitted_to_a_running_cluster(head, tmp_path):
 @pytest.mark.slow
 def test_a_submitted_job_runs_the_library_it_was_sent_with(head, tmp_path):
     """The head's Python has recalign installed (this checkout, editable); the job is sent with a copy whose
-    library differs. The driver, a task on the node, a Ray Data actor and a Ray Train worker all run the copy."""
+    library differs. The driver, a task on the node, a Ray Data actor, a Ray Train worker and a Serve replica
+    all run the copy."""
     address, env = head
     sent = tmp_path / "sent"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
@@ -61,10 +62,10 @@ def test_a_submitted_job_runs_the_library_it_was_sent_with(head, tmp_path):
     init = sent / "platform" / "recalign" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.0+sent"'))
     done = ray_cmd(["job", "submit", "--address", address, "--working-dir", str(sent), "--",
-                    "sh", "jobs/run", "check", f"run.root={tmp_path / 'runs'}"], env)
+                    "sh", "jobs/run", "check", f"run.root={tmp_path / 'runs'}", f"serve_port={free_ports(1)[0]}"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "0.1.0" in line]
-    for who in ("driver", "task on node", "Ray Data actor", "Ray Train worker"):
+    for who in ("driver", "task on node", "Ray Data actor", "Ray Train worker", "Serve replica"):
         assert any(who in line and "0.1.0+sent" in line for line in lines), (who, lines)
     assert not any("0.1.0 " in line for line in lines), lines  # nobody ran the installed copy
 
