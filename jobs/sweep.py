@@ -4,8 +4,9 @@
 
 Needs the run's data/ and pairs/rerank.parquet (the pipeline's earlier stages). Re-running the same
 command continues an interrupted sweep (Tuner.restore). Writes runs/<name>/sweep/: results.md,
-results.csv, sweep.png and best.json, which the pipeline reads with `align_from_sweep=true`. A failed
-trial is retried from its last rung (`sweep.max_failures`).
+results.csv, sweep.png and best.json, which the pipeline reads with `align_from_sweep=true`; each trial
+is an MLflow run (by default in a file store in <run>/mlflow; see `tracking`). A failed trial is retried
+from its last rung (`sweep.max_failures`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from recalign.llm.convert import resolve_model
 from recalign.pairs.stage import rerank_prompt
 from recalign.rerank.scorer import RerankConfig, build_prompts
 from recalign.runs import RunSpec, learning_key
+from recalign.tracking import TrackingConfig, mlflow_target
 
 
 @dataclass
@@ -41,6 +43,9 @@ class SweepJob:
     align: AlignConfig = option(factory=AlignConfig, help="base alignment config (searched fields overridden)")
     rerank: RerankConfig = option(factory=RerankConfig, help="validation re-ranker prompts and scoring")
     sweep: SweepConfig = option(factory=SweepConfig, help="search space, ASHA, retries, validation users")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow: one run per trial (its config, reports, "
+                                                                   "trial folder and adapter); a continued sweep "
+                                                                   "keeps the tracking it was started with")
 
 
 def validation_inputs(cfg: SweepJob, model_path: str) -> tuple[list[str], np.ndarray, int]:
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         if init_adapter else ""
     name = sweep_name(cfg, model_path, init_hash, hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest())
     print(f"sweep {name}: {len(prompts)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
+    tracking = mlflow_target(cfg.tracking, cfg.run)
     with ray_session(cfg.ray):
-        results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name)
+        results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name, tracking=tracking)
     out = write_results(results_frame(results), cfg.align, cfg.run.dir("sweep"))
     print(out["table"])
     print(f"best: {out['best']['align']['loss_type']} beta={out['best']['align']['beta']:.3g} "

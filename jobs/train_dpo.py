@@ -3,7 +3,8 @@
     python jobs/train_dpo.py [jobs/configs/train_dpo.yaml] [align.loss_type=dmpo align.num_negatives=7 ...]
 
 Reads <run>/pairs/<path>.parquet for each of `paths` (both by default, concatenated) and writes one
-LoRA policy per loss type to <run>/policy/<loss_type>/ (adapter, metrics.json, tensorboard/).
+LoRA policy per loss type to <run>/policy/<loss_type>/ (adapter, metrics.json, tensorboard/), and logs
+each to MLflow (by default a file store in <run>/mlflow; see `tracking`).
 Before the reward stage has produced pairs, `synthetic_pairs.enabled=true` writes heuristic ones
 (recalign.align.pairs.heuristic_pairs) for the missing files, for smoke runs.
 """
@@ -26,6 +27,7 @@ from recalign.pairs.build import PATHS
 from recalign.pairs.heuristic import heuristic_pairs
 from recalign.prompts import PromptConfig
 from recalign.runs import RunSpec
+from recalign.tracking import TrackingConfig, mlflow_target
 
 
 @dataclass
@@ -50,6 +52,8 @@ class TrainDPOJob:
     prompt: PromptConfig = option(factory=PromptConfig, help="prompts of synthetic pairs")
     synthetic_pairs: SyntheticPairsConfig = option(factory=SyntheticPairsConfig, help="heuristic pairs for runs "
                                                                                       "before the reward stage")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow: each policy's params, step metrics, "
+                                                                   "adapter and metrics.json (beside TensorBoard)")
     force: bool = option(False, "retrain even if the policy is up to date")
 
 
@@ -93,12 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise MissingInputError(f"{', '.join(missing)}: pairs missing; run the reward stage (jobs/reward.py), or set "
                                 "synthetic_pairs.enabled=true")
     summaries = {}
+    tracking = mlflow_target(cfg.tracking, cfg.run)
     with ray_session(cfg.ray):
         for loss_type in loss_types:
             # DPO is best vs worst (K=1), as in RLRF4Rec; the K-negative losses keep align.num_negatives.
             k = 1 if loss_type == "dpo" else cfg.align.num_negatives
             align = dataclasses.replace(cfg.align, loss_type=loss_type, num_negatives=k)
-            summaries[loss_type] = policy_stage(cfg.run, align, model_path, uris, force=cfg.force)
+            summaries[loss_type] = policy_stage(cfg.run, align, model_path, uris, force=cfg.force, tracking=tracking)
     print("\n| loss | K | steps | loss (last) | reward acc | margin | tokens/s |\n|---|---|---|---|---|---|---|")
     for loss_type, s in summaries.items():
         f = s["final"]

@@ -1,6 +1,7 @@
 """Ray Tune sweep of the alignment stage: the search spaces, a real two-trial sweep on the tiny Llama
-(every rung reported, results written, the best config and adapter loadable), a failed trial retried
-within the sweep, and an interrupted sweep that continues: a trial that errored (no retries left)."""
+(every rung reported, results written, the best config and adapter loadable, one MLflow run per trial), a
+failed trial retried within the sweep, and an interrupted sweep that continues: a trial that errored (no
+retries left)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from recalign.align.config import AlignConfig, SweepConfig
 from recalign.align.sweep import (METRIC, TrialSpec, letter_ranker_metrics, load_best, param_space, results_frame,
                                   run_sweep, validation_rows, write_results)
+from recalign.tracking import MlflowTarget
 from tests.helpers.align import SWEEP_TRIAL, adapter_metrics, draw_trials
 from tests.helpers.pairs import TEST_PROMPTS, write_pairs
 
@@ -118,6 +120,15 @@ def _spec(inputs: dict, model_dir, root, hooks=()) -> TrialSpec:
                      out_root=str(root / "trials"), storage_path=str(root / "ray"), hooks=list(hooks))
 
 
+def _trial_runs(tracking: MlflowTarget) -> tuple:
+    """(client, the sweep's MLflow runs by their loss_type param: each trial has its own loss type here)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(tracking.experiment).experiment_id])
+    return client, {r.data.params["loss_type"]: r for r in runs}, len(runs)
+
+
 @pytest.mark.ray
 def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_llama_dir, sweep_inputs, tmp_path):
     from peft import PeftModel
@@ -125,7 +136,9 @@ def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_
 
     spec = _spec(sweep_inputs, tiny_llama_dir, tmp_path)
     logs = []
-    results = run_sweep(TWO_TRIALS, spec, storage_path=spec.storage_path, name="sweep-test", log=logs.append)
+    tracking = MlflowTarget(f"file:{tmp_path}/mlflow", "sweeps")
+    results = run_sweep(TWO_TRIALS, spec, storage_path=spec.storage_path, name="sweep-test", log=logs.append,
+                        tracking=tracking)
     assert logs == [], "a fresh sweep, nothing to restore"
     assert len(results) == 2 and not results.errors
     for result in results:
@@ -139,6 +152,23 @@ def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_
     by_loss = {r.config["loss_type"]: r.metrics for r in results}
     assert by_loss["dmpo"]["train_loss"] == pytest.approx(by_loss["sdpo"]["train_loss"], rel=1e-4)
     assert by_loss["dmpo"][METRIC] == pytest.approx(by_loss["sdpo"][METRIC], abs=1e-6)
+
+    # One MLflow run per trial: its config as params, each report as metrics (MLflow names take no '@'), its
+    # trial folder and its adapter as artifacts.
+    client, runs, count = _trial_runs(tracking)
+    assert count == 2 and set(runs) == {"dmpo", "sdpo"}
+    for result in results:
+        logged = runs[result.config["loss_type"]]
+        run_id = logged.info.run_id
+        assert logged.info.status == "FINISHED" and logged.data.tags["recalign.ray_run"] == "sweep-test"
+        assert (logged.data.params["beta"], logged.data.params["num_negatives"]) == ("0.5", "1")
+        history = client.get_metric_history(run_id, "valid_ndcg_at_10")
+        assert [(m.step, m.value) for m in history] == list(zip([1, 2], result.metrics_dataframe[METRIC]))
+        assert [m.value for m in client.get_metric_history(run_id, "rung")] == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"progress.csv", "result.json", "params.json", "adapter"} <= artifacts
+        assert {a.path for a in client.list_artifacts(run_id, "adapter")} >= {
+            "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/metrics.json"}
 
     frame = results_frame(results)
     assert list(frame["loss_type"].sort_values()) == ["dmpo", "sdpo"] and (frame["rungs"] == 2).all()
@@ -211,6 +241,7 @@ class CountedScore:
         return {METRIC: 0.5, "valid_hr@1": 0.0, "valid_mrr": 0.0}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_failed_trial_is_retried_from_its_last_rung_within_the_same_fit(ray_local, tiny_llama_dir, sweep_inputs,
                                                                         tmp_path):
@@ -222,8 +253,9 @@ def test_a_failed_trial_is_retried_from_its_last_rung_within_the_same_fit(ray_lo
     counter.mkdir()
     spec = dataclasses.replace(_spec(sweep_inputs, tiny_llama_dir, tmp_path, hooks=[FailOncePerTrial(str(markers), 3)]),
                                scorer=CountedScore(str(counter)))  # no re-ranker: the retries are what is tested
+    tracking = MlflowTarget(f"file:{tmp_path}/mlflow", "sweeps")
     results = run_sweep(dataclasses.replace(TWO_TRIALS, max_failures=1), spec, storage_path=spec.storage_path,
-                        name="sweep-retry")
+                        name="sweep-retry", tracking=tracking)
     assert len(results) == 2 and not results.errors
     assert sorted(os.listdir(markers)) == sorted(f"sweep-{r.metrics['trial_id']}" for r in results)
     for result in results:
@@ -232,6 +264,11 @@ def test_a_failed_trial_is_retried_from_its_last_rung_within_the_same_fit(ray_lo
         assert history["pid"].nunique() == 2 and result.metrics["iterations_since_restore"] == 1
         assert result.metrics["steps"] == 4 and adapter_metrics(result.metrics["adapter"])["steps"] == 4
     assert len(os.listdir(counter)) == 4, "each rung of each trial was scored once"
+    client, runs, count = _trial_runs(tracking)
+    assert count == 2, "a retried trial keeps its MLflow run"
+    for logged in runs.values():
+        assert logged.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(logged.info.run_id, "rung")] == [1, 2]
     frame = results_frame(results)
     assert (frame["error"] == "").all() and (frame["rungs"] == 2).all()
 
@@ -260,13 +297,18 @@ def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_a
     finished, is not run again."""
     spec = _spec(sweep_inputs, tiny_llama_dir, tmp_path, hooks=[FailOnce(str(tmp_path / "failed"), step=3)])
     no_retries = dataclasses.replace(TWO_TRIALS, max_failures=0)  # the error ends the trial in this run
-    first = run_sweep(no_retries, spec, storage_path=spec.storage_path, name="sweep-restore", log=print)
+    tracking = MlflowTarget(f"file:{tmp_path}/mlflow", "sweeps")
+    first = run_sweep(no_retries, spec, storage_path=spec.storage_path, name="sweep-restore", log=print,
+                      tracking=tracking)
     assert len(first) == 2 and len(first.errors) == 1 and "injected failure after step 3" in str(first.errors[0])
     errored = next(r for r in first if r.error)
     finished = next(r for r in first if not r.error)
     assert errored.metrics_dataframe["rung"].tolist() == [1]
     finished_adapter = os.path.join(finished.metrics["adapter"], "adapter_model.safetensors")
     finished_mtime = os.stat(finished_adapter).st_mtime_ns
+    _, runs, _ = _trial_runs(tracking)
+    assert runs[errored.config["loss_type"]].info.status == "FAILED"
+    first_runs = {loss_type: r.info.run_id for loss_type, r in runs.items()}
 
     logs = []
     again = run_sweep(no_retries, spec, storage_path=spec.storage_path, name="sweep-restore", log=logs.append)
@@ -281,3 +323,9 @@ def test_a_trial_that_errored_resumes_from_its_last_rung_when_the_sweep_is_run_a
     assert os.stat(finished_adapter).st_mtime_ns == finished_mtime, "the finished trial did not train again"
     frame = results_frame(again)
     assert (frame["error"] == "").all() and (frame["rungs"] == 2).all()
+    # The restored sweep keeps its MLflow callback, and the resumed trial logs on into the run it had.
+    client, runs, count = _trial_runs(tracking)
+    assert count == 2 and {loss_type: r.info.run_id for loss_type, r in runs.items()} == first_runs
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    resumed_run = runs[errored.config["loss_type"]].info.run_id
+    assert [m.step for m in client.get_metric_history(resumed_run, "rung")] == [1, 2]

@@ -1,5 +1,5 @@
 """Alignment under Ray Train with 2 workers: DDP gradient sync, a killed worker resumes, the published
-adapter loads and merges, TensorBoard has the scalars, and the job trains on both paths' pairs."""
+adapter loads and merges, TensorBoard has the scalars, and MLflow has one run across the restart."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import torch
 
 from recalign.align.config import AlignConfig
 from recalign.align.trainer import CrashOnce, train_policy
+from recalign.tracking import MlflowTarget
 from tests.helpers.align import TWO_WORKERS
 
 pytestmark = pytest.mark.ray
@@ -85,6 +86,7 @@ def test_ddp_gradients_synchronise_across_workers(ray_local, tiny_llama_dir, pai
 
 def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray_local, tiny_llama_dir, pairs_uris,
                                                                              tmp_path):
+    from mlflow import MlflowClient
     from peft import PeftModel
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -96,8 +98,9 @@ def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray
     cfg = AlignConfig(loss_type="sdpo", num_negatives=3, sft_max_steps=1, max_steps=4, max_failures=1, **TWO_WORKERS)
     out_dir = str(tmp_path / "runs" / "t" / "policy" / "sdpo")
     marker = str(tmp_path / "killed")
+    tracking = MlflowTarget(f"file:{tmp_path}/mlflow", "t")
     summary = train_policy(cfg, str(tiny_llama_dir), pairs_uris, out_dir, str(tmp_path / "ray"), "align-resume",
-                           hooks=[CrashOnce(marker, step=3, rank=1, delay_s=3.0)])
+                           hooks=[CrashOnce(marker, step=3, rank=1, delay_s=3.0)], tracking=tracking)
 
     assert os.path.exists(marker), "the worker was killed"
     # Ray registers a checkpoint when its controller next polls the workers (every 2 s); the delay lets it see
@@ -136,3 +139,15 @@ def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray
     assert set(TAGS) <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 5], "the crashed attempt's step 3 is purged"
     assert [e.step for e in events.Scalars("sft/loss")] == [1]
+
+    # One MLflow run across the restart, each step logged once as in TensorBoard: rank 0 logs at checkpoints, so
+    # the crashed attempt's step 3 is not there. (Resumed from step 1's checkpoint, step 2 is there twice: the
+    # crashed attempt had logged it at its own step-2 checkpoint.)
+    client = MlflowClient(tracking.tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "align-resume"
+    assert logged.data.params["num_negatives"] == "3" and logged.data.params["sft_max_steps"] == "1"
+    steps = sorted(m.step for m in client.get_metric_history(logged.info.run_id, "train/loss"))
+    assert steps == ([2, 3, 4, 5] if summary["starts"][1] == 2 else [2, 2, 3, 4, 5])
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "sft/loss")] == [1]
+    assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(logged.info.run_id, "adapter")}

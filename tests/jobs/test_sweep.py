@@ -1,4 +1,5 @@
-"""jobs/sweep.py: the shipped grid, and a sweep whose driver is killed continues when run again."""
+"""jobs/sweep.py: the shipped grid, the sweep's name, and a sweep whose driver is killed continues when run
+again (MLflow runs included)."""
 
 import json
 import os
@@ -161,3 +162,12 @@ def test_sweep_job_killed_mid_sweep_continues_when_run_again(ml100k_dir, tiny_ll
     for trial_id in frame["trial"]:
         trained = adapter_metrics(str(run_dir / "sweep" / "trials" / trial_id))
         assert trained["steps"] == 4 and trained["starts"][0] == 0
+    # MLflow by default: a file store in the run, one run per trial; the trial the killed driver left running
+    # went on in its own run when the sweep was restored.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"file:{run_dir / 'mlflow'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for logged in runs:
+        assert [m.step for m in client.get_metric_history(logged.info.run_id, "rung")] == [1, 2]

@@ -9,7 +9,9 @@ worker group continues exactly where the last checkpoint left off.
 A checkpoint holds the adapter (PEFT format), the optimizer, the step, the precomputed reference
 log-probs, the per-step history and the TensorBoard events; rank 0 writes it and every worker
 reports (Ray Train's report is a barrier). At each checkpoint the workers compare a checksum of
-their LoRA weights and fail loudly if they diverged.
+their LoRA weights and fail loudly if they diverged. When the driver opened an MLflow run
+(`AlignSpec.mlflow`), rank 0 logs into it at each checkpoint the step records since the last one, so a
+resumed run shows each step once, as TensorBoard does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from recalign.align.config import AlignConfig
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.losses import preference_loss, reward_stats
 from recalign.distributed import check_in_sync
+from recalign.tracking import MlflowRun, worker_session
 
 SFT, PREFERENCE = "sft", "preference"
 
@@ -44,6 +47,7 @@ class AlignSpec:
     pairs_uris: list[str]  # pairs/<path>.parquet files, concatenated
     tensorboard_dir: str = ""  # rank 0's live event dir; empty = a worker-local temp dir
     init_adapter: str = ""  # LoRA adapter folder the policy starts from (and the reference is); empty = fresh LoRA
+    mlflow: MlflowRun | None = None  # the driver's MLflow run that rank 0 logs params and metrics into; None = off
 
 
 @dataclass
@@ -127,6 +131,8 @@ def train_loop(config: dict[str, Any]) -> None:
     tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
     state = restore(ray.train.get_checkpoint(), model, tb_dir if rank == 0 else None)
     state.starts.append(state.step)
+    tracker = worker_session(spec.mlflow, asdict(cfg)) if rank == 0 and spec.mlflow else None
+    logged = len(state.history)  # the attempt that wrote the checkpoint logged these
     scorer = ray.train.torch.prepare_model(PolicyScorer(model, cfg.prompt_sharing),
                                            parallel_strategy_kwargs={"find_unused_parameters": False})
     plan = Plan.build(len(examples), cfg, world)
@@ -172,11 +178,17 @@ def train_loop(config: dict[str, Any]) -> None:
             state.optimizer = optimizer.state_dict()
             if writer is not None:
                 writer.flush()
+            if tracker is not None:  # at checkpoints: steps a crashed attempt took after its last one stay out
+                for entry in state.history[logged:]:
+                    tracker.log_metrics(scalars(entry), step=entry["step"])
+                logged = len(state.history)
             _report(state, plan, model, rank, world, tb_dir)
         for hook in hooks:
             hook(state.step, rank)
     if writer is not None:
         writer.close()
+    if tracker is not None:
+        tracker.end_run()
 
 
 def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
@@ -348,11 +360,15 @@ def _global_record(sums: dict[str, float], seconds: float, phase: str, step: int
     return record
 
 
-def _log_scalars(writer, record: dict) -> None:
+def scalars(record: dict) -> dict[str, float]:
+    """A step record as the scalars TensorBoard and MLflow show: train/loss, sft/loss, train/reward_margin, ..."""
     prefix = "sft" if record["phase"] == SFT else "train"
-    for key, value in record.items():
-        if key not in ("phase", "step"):
-            writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+    return {f"{prefix}/{key}": value for key, value in record.items() if key not in ("phase", "step")}
+
+
+def _log_scalars(writer, record: dict) -> None:
+    for tag, value in scalars(record).items():
+        writer.add_scalar(tag, value, record["step"])
 
 
 def _writer(tb_dir: str, step: int):

@@ -22,6 +22,7 @@ from recalign.align.trainer import ADAPTER_FILES, train_policy
 from recalign.config import fingerprint
 from recalign.errors import MissingInputError
 from recalign.runs import Log, RunSpec, learning_key, run_stage, slug
+from recalign.tracking import MlflowTarget
 
 
 def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) -> list[tuple[str, AlignConfig, str]]:
@@ -48,8 +49,9 @@ def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) ->
 
 
 def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log = print,
-                   force: bool = False) -> dict[str, Any]:
-    """Train every planned policy that is not up to date; returns their summaries by label."""
+                   force: bool = False, tracking: MlflowTarget | None = None) -> dict[str, Any]:
+    """Train every planned policy that is not up to date; returns their summaries by label.
+    `tracking`: where they log to MLflow (`recalign.tracking.mlflow_target` of the job's config); None = nowhere."""
     sweep_best = None
     if cfg.from_sweep:
         from recalign.align.sweep import load_best
@@ -66,12 +68,14 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
                                     "policies.paths)")
         log(f"[align] policy {number}/{len(plan)}: {label}")
         summaries[label] = policy_stage(run, align, model_path, [pairs], log, force, name=label,
-                                        init_adapter=run.dir("policy", *init.split("/")) if init else "")
+                                        init_adapter=run.dir("policy", *init.split("/")) if init else "",
+                                        tracking=tracking)
     return summaries
 
 
 def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
-    """Fingerprint of everything the published policy depends on (not workers or fault tolerance)."""
+    """Fingerprint of everything the published policy depends on (not workers, fault tolerance or tracking:
+    MLflow settings are no AlignConfig field, they reach `policy_stage` beside it)."""
     train = learning_key(cfg)
     config = io.join(model_path if "://" in model_path else os.path.abspath(model_path), "config.json")
     model = hashlib.sha256(io.read_bytes(config)).hexdigest()
@@ -81,10 +85,12 @@ def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_ad
 
 
 def policy_stage(run: RunSpec, cfg: AlignConfig, model_path: str, pairs_uris: list[str], log: Log = print,
-                 force: bool = False, name: str = "", init_adapter: str = "") -> dict[str, Any]:
+                 force: bool = False, name: str = "", init_adapter: str = "",
+                 tracking: MlflowTarget | None = None) -> dict[str, Any]:
     """`runs/<name>/policy/<name or loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`.
 
     `name` may hold a slash (`rerank/sft+sdpo`): the pipeline keeps one folder per path and policy.
+    `tracking`: where the training logs to MLflow; None = nowhere.
     """
     label = name or cfg.loss_type
     key = policy_key(cfg, model_path, pairs_uris, init_adapter)
@@ -93,7 +99,7 @@ def policy_stage(run: RunSpec, cfg: AlignConfig, model_path: str, pairs_uris: li
     def train() -> dict[str, Any]:
         summary = train_policy(cfg, model_path, pairs_uris, out_dir, storage_path=run.dir("ray"),
                                name=f"policy-{slug(label)}-{key}", log=log,
-                               init_adapter=init_adapter)
+                               init_adapter=init_adapter, tracking=tracking)
         return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "sft_steps", "starts",
                                         "seconds", "final")}
 

@@ -4,7 +4,8 @@ Each trial trains a LoRA policy on the re-rank pairs with a TorchTrainer (recali
 in rungs of one epoch; after each rung it scores the direct LLM re-ranker on a seeded subset of
 *validation* users and reports validation NDCG@10, so ASHA can stop weak trials early. The trial
 driver itself asks for {"CPU": 0}: its TorchTrainer's workers hold the CPUs (otherwise the
-trials deadlock waiting for each other's CPUs).
+trials deadlock waiting for each other's CPUs). A failed trial is retried from its last rung; with a
+tracking target every trial is an MLflow run (its config, reports, trial folder and adapter).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from recalign.errors import MissingInputError
 from recalign.llm.policy import load_policy
 from recalign.rerank.scorer import LetterScorer, RerankConfig
 from recalign.runs import Log
+from recalign.tracking import RUN_TAG, MlflowTarget, trial_callback
 
 METRIC = "valid_ndcg@10"
 
@@ -115,13 +117,14 @@ def _rungs_done(checkpoint) -> int:
         return int(io.read_json(io.join(ckpt_dir, "rung.json"))["rung"])
 
 
-def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Log = print):
+def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, log: Log = print,
+              tracking: MlflowTarget | None = None):
     """Run (or, when `storage_path/name` holds an interrupted sweep, continue) the Tune sweep.
 
     A trial that fails is retried up to cfg.max_failures times in the same run, from its last reported
     rung. A continued sweep keeps its finished trials, resumes the errored and unfinished ones from their
-    last reported rung, and keeps the search space, ASHA and retry settings it was started with (Tune
-    stores them with the sweep).
+    last reported rung, and keeps the search space, ASHA, retry and MLflow settings it was started with
+    (Tune stores them with the sweep). `tracking`: one MLflow run per trial (recalign.tracking.trial_callback).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -132,6 +135,7 @@ def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, l
         log(f"sweep {name}: restoring the sweep in {path} (finished trials are kept)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
+        callbacks = [trial_callback(tracking, {RUN_TAG: name})] if tracking else []
         scheduler = ASHAScheduler(time_attr="rung", max_t=spec.rungs, grace_period=cfg.grace_period,
                                   reduction_factor=cfg.reduction_factor)
         tuner = tune.Tuner(
@@ -139,7 +143,7 @@ def run_sweep(cfg: SweepConfig, spec: TrialSpec, storage_path: str, name: str, l
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
                                         max_concurrent_trials=cfg.max_concurrent,
                                         search_alg=None if cfg.search == "grid" else _seeded_search(cfg.seed)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path,
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     return tuner.fit()

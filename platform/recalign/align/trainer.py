@@ -3,8 +3,9 @@
 `train_policy` is the driver: it checks the inputs, runs `recalign.align.loop.train_loop` on every
 worker of a TorchTrainer (DDP: gloo on CPU, NCCL on GPU; checkpoints in the run storage; restarts
 from the last checkpoint after a worker dies) and publishes the final LoRA adapter (standard PEFT
-format) with metrics.json and the TensorBoard events to `out_dir` atomically. It never calls
-ray.init, so it runs from a job, a pipeline stage or inside a Ray Tune trial.
+format) with metrics.json and the TensorBoard events to `out_dir` atomically; with a tracking target it
+also logs the policy to MLflow. It never calls ray.init, so it runs from a job, a pipeline stage or
+inside a Ray Tune trial.
 
 The reference policy is the base model with the adapter disabled (no second copy of the weights).
 After an SFT warm-up it is the warmed-up policy instead (as S-DPO and DMPO do), whose log-probs are
@@ -25,6 +26,7 @@ from recalign.align.config import AlignConfig
 from recalign.align.loop import AlignSpec
 from recalign.errors import MissingInputError
 from recalign.runs import Log
+from recalign.tracking import MlflowRun, MlflowTarget, connect, end_run, start_run
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -54,7 +56,7 @@ class CrashOnce:
 
 def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_dir: str, storage_path: str,
                  name: str, hooks: list[Callable[[int, int], None]] | None = None, log: Log = print,
-                 init_adapter: str = "") -> dict[str, Any]:
+                 init_adapter: str = "", tracking: MlflowTarget | None = None) -> dict[str, Any]:
     """Train a LoRA policy on the pairs under a TorchTrainer; publish it to `out_dir`; return metrics.
 
     `name` + `storage_path` identify the Ray Train run (checkpoints, TensorBoard): a re-run with the
@@ -64,6 +66,9 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     then that adapter, not the bare base model.
     out_dir gets adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained),
     metrics.json (summary and per-step history) and tensorboard/.
+    `tracking`: the MLflow run of `name` (one per Ray Train run, kept across its restarts and re-runs) gets
+    the align config as params and the step metrics from rank 0 (setup_mlflow), and the published adapter
+    (adapter/) and metrics.json from here.
     """
     from recalign.align.loop import train_loop
     from recalign.distributed import fit_torch_trainer
@@ -80,18 +85,28 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     if init_adapter and io.is_local(init_adapter):
         init_adapter = os.path.abspath(init_adapter)  # workers may run in another directory
     model_path = model_path if "://" in model_path else os.path.abspath(model_path)
-    spec = AlignSpec(cfg, model_path, list(pairs_uris), tb_dir, init_adapter)
     label = cfg.loss_type if cfg.num_train_epochs or cfg.max_steps else "sft"
+    mlflow_run = start_run(tracking, name, {"label": label, "model_path": model_path,
+                                            "init_adapter": init_adapter}) if tracking else None
+    spec = AlignSpec(cfg, model_path, list(pairs_uris), tb_dir, init_adapter, mlflow_run)
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
-        f"run {name} in {storage_path}")
+        f"run {name} in {storage_path}" + (f", MLflow {tracking.tracking_uri}" if mlflow_run else ""))
     start = time.time()
-    result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])}, num_workers=cfg.num_workers,
-                               use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
-                               num_to_keep=cfg.save_total_limit, storage_path=storage_path, run_name=name,
-                               what=f"alignment run {name}")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        summary = _summary(ckpt_dir, spec, num_examples, time.time() - start)
-        publish(ckpt_dir, out_dir, summary)
+    try:
+        result = fit_torch_trainer(train_loop, {"spec": spec, "hooks": list(hooks or [])},
+                                   num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                   cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                                   num_to_keep=cfg.save_total_limit, storage_path=storage_path, run_name=name,
+                                   what=f"alignment run {name}")
+        with result.checkpoint.as_directory() as ckpt_dir:
+            summary = _summary(ckpt_dir, spec, num_examples, time.time() - start)
+            publish(ckpt_dir, out_dir, summary)
+            if mlflow_run:
+                _log_published(mlflow_run, ckpt_dir, summary)
+    except BaseException:
+        if mlflow_run:
+            end_run(mlflow_run, "FAILED")
+        raise
     final = summary["final"]
     log(f"[align/{label}] {summary['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
         f"reward accuracy {final.get('reward_accuracy', float('nan')):.3f}, started at steps {summary['starts']}")
@@ -141,3 +156,15 @@ def publish(ckpt_dir: str, out_dir: str, summary: dict[str, Any]) -> None:
             shutil.copytree(os.path.join(ckpt_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
         io.write_json(summary, os.path.join(staging, "metrics.json"))
         io.replace_dir(staging, out_dir)
+
+
+def _log_published(run: MlflowRun, ckpt_dir: str, summary: dict[str, Any]) -> None:
+    """The published policy as artifacts of its MLflow run (adapter/: a PEFT folder; metrics.json), which ends."""
+    mlflow_client = connect(run.tracking_uri)
+    with tempfile.TemporaryDirectory() as staging:
+        os.makedirs(os.path.join(staging, "adapter"))
+        for fname in ADAPTER_FILES:
+            shutil.copy2(os.path.join(ckpt_dir, "adapter", fname), os.path.join(staging, "adapter", fname))
+        io.write_json(summary, os.path.join(staging, "metrics.json"))
+        mlflow_client.log_artifacts(run.run_id, staging)
+    mlflow_client.set_terminated(run.run_id, status="FINISHED")
