@@ -48,9 +48,10 @@ from recalign.reward.encoder import EncoderConfig
 from recalign.reward.rewards import RewardConfig
 from recalign.reward.stage import embeddings_stage, reward_model_stage, rewards_stage
 from recalign.reward.validation import CompareConfig
-from recalign.runs import RunSpec, stage_events, tell_stage
+from recalign.runs import RunSpec, dry_running, stage_events, tell_stage
 from recalign.sampling.config import SampleConfig
 from recalign.sampling.stage import sample_stage
+from recalign.tracking import TrackingConfig, mlflow_target
 
 LOG_FILE = "pipeline.log"  # <run>/pipeline.log: everything the console does not show
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline")
@@ -81,6 +82,8 @@ class PipelineJob:
     pairs: PairsConfig = option(factory=PairsConfig, help="K negatives, margin, hard/random negatives")
     policies: PoliciesConfig = option(factory=PoliciesConfig, help="which policies, LoRA and training")
     eval: FinalEvalConfig = option(factory=FinalEvalConfig, help="test-split evaluation of every system")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow: each policy's params, step metrics, "
+                                                                   "adapter and metrics.json (beside TensorBoard)")
     seed: int = option(0, "run seed, added to every seed of what is learned or sampled (sasrec_train, sample, "
                           "ka_train, policies): seed=1, 2 redraw the models and analyses on the same protocol, "
                           "user subsets and test users, which shows the spread a rerun has")
@@ -153,7 +156,8 @@ def run_stages(cfg: PipelineJob, log) -> dict:
         out["pairs"] = pairs_stage(run, cfg.pairs, log, "pairs" in force)
     model_path = resolve_model(cfg.model, cfg.models_dir) if {"align", "evaluate"} & set(todo) else ""
     if "align" in todo:
-        out["align"] = policies_stage(run, cfg.policies, model_path, log, "align" in force)
+        out["align"] = policies_stage(run, cfg.policies, model_path, log, "align" in force,
+                                      tracking=mlflow_target(cfg.tracking, run, log) if not dry_running() else None)
     if "evaluate" in todo:  # always runs (its systems are cached one by one), so it tells its own events
         tell_stage("evaluate", "running")
         began = time.time()

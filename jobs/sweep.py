@@ -24,6 +24,7 @@ from recalign.config import fingerprint, option, to_dict
 from recalign.data.dataset import Dataset
 from recalign.errors import MissingInputError
 from recalign.llm.convert import resolve_model
+from recalign.llm.store import local_model
 from recalign.pairs.stage import rerank_prompt
 from recalign.rerank.scorer import RerankConfig, build_prompts
 from recalign.runs import RunSpec, learning_key
@@ -35,7 +36,8 @@ class SweepJob:
     run: RunSpec = option(factory=RunSpec, help="run whose data/ and pairs/ are used; results in <run>/sweep/")
     ray: RayConfig = option(factory=RayConfig, help="embedded Ray settings (RAY_ADDRESS joins a cluster)")
     model: str = option("smollm2", "base LLM: \"smollm2\" (converted default) or a local HF folder")
-    models_dir: str = option("models", "where converted models live")
+    models_dir: str = option("", "where named models are converted or built; empty: <run.root>/models when run.root "
+                                 "is a URI or an absolute path (shared on a cluster), else ./models")
     pairs: str = option("rerank", "pairs/<pairs>.parquet the trials train on")
     init_adapter: str = option("", "adapter every trial starts from (and whose log-probs are the reference), relative "
                                    "to the run dir: policy/rerank/sft searches what the pipeline's SFT+<loss> "
@@ -56,14 +58,15 @@ def validation_inputs(cfg: SweepJob, model_path: str) -> tuple[list[str], np.nda
     data = Dataset(cfg.run.dir("data"))
     valid = data.split("valid")
     rows = validation_rows(len(valid), cfg.sweep.valid_users, cfg.sweep.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the prompts need no weights
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model_path))  # the prompts need no weights
     prompts = build_prompts(data, "valid", rows, tokenizer, rerank_prompt(cfg.run))
     return prompts, valid.target_index[rows], valid.candidates.shape[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(SweepJob, argv, __doc__)
-    model_path = resolve_model(cfg.model, cfg.models_dir)
+    models_dir = cfg.run.models(cfg.models_dir)
+    model_path = resolve_model(cfg.model, models_dir)
     pairs_uri = cfg.run.dir("pairs", f"{cfg.pairs}.parquet")
     if not io.exists(pairs_uri):
         raise MissingInputError(f"{pairs_uri}: missing; run the pipeline's pairs stage first")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = sweep_name(cfg, model_path, init_hash, hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest())
     print(f"sweep {name}: {len(prompts)} validation users, results in {cfg.run.dir('sweep')}", flush=True)
     tracking = mlflow_target(cfg.tracking, cfg.run)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root, "models_dir": models_dir}):
         results = run_sweep(cfg.sweep, spec, storage_path=cfg.run.dir("ray"), name=name, tracking=tracking)
     out = write_results(results_frame(results), cfg.align, cfg.run.dir("sweep"))
     print(out["table"])

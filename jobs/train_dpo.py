@@ -23,6 +23,7 @@ from recalign.align.stage import policy_stage
 from recalign.config import ConfigError, option
 from recalign.data.dataset import DataConfig
 from recalign.errors import MissingInputError
+from recalign.llm.store import local_model
 from recalign.pairs.build import PATHS
 from recalign.pairs.heuristic import heuristic_pairs
 from recalign.prompts import PromptConfig
@@ -43,7 +44,8 @@ class TrainDPOJob:
     run: RunSpec = option(factory=RunSpec, help="where the run's artifacts live")
     ray: RayConfig = option(factory=RayConfig, help="cluster address or embedded Ray settings")
     model: str = option("smollm2", "base LLM: \"smollm2\" (converted once), \"tiny\" or a local Hugging Face folder")
-    models_dir: str = option("models", "where named models are converted or built")
+    models_dir: str = option("", "where named models are converted or built; empty: <run.root>/models when run.root "
+                                 "is a URI or an absolute path (shared on a cluster), else ./models")
     paths: list[str] = option(factory=lambda: list(PATHS), help="pairs/<path>.parquet trained on, together")
     pairs_dir: str = option("", "folder of the pairs files; empty = <run>/pairs")
     loss_types: list[str] = option(factory=list, help="one policy per loss type; empty = [align.loss_type]")
@@ -71,7 +73,7 @@ def write_synthetic_pairs(cfg: TrainDPOJob, uris: list[str], model_path: str) ->
     from recalign.data.stage import prepare_stage
 
     prepare_stage(cfg.run, cfg.data)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model_path))
     for path, uri in zip(cfg.paths, uris):
         if io.exists(uri):
             continue
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     from recalign.llm import resolve_model
 
     uris = pairs_uris(cfg)
-    model_path = resolve_model(cfg.model, cfg.models_dir)
+    models_dir = cfg.run.models(cfg.models_dir)
+    model_path = resolve_model(cfg.model, models_dir)
     if cfg.synthetic_pairs.enabled:
         write_synthetic_pairs(cfg, uris, model_path)
     missing = [u for u in uris if not io.exists(u)]
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "synthetic_pairs.enabled=true")
     summaries = {}
     tracking = mlflow_target(cfg.tracking, cfg.run)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, storage={"run.root": cfg.run.root, "models_dir": models_dir}):
         for loss_type in loss_types:
             # DPO is best vs worst (K=1), as in RLRF4Rec; the K-negative losses keep align.num_negatives.
             k = 1 if loss_type == "dpo" else cfg.align.num_negatives

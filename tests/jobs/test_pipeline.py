@@ -75,6 +75,13 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     assert "vs_reference" in systems["llm sft"]["ndcg@10"]
     assert set(systems["llm zero-shot"]["free_generation"]) == {"valid_ratio", "hr@1_all_rows", "hr@1_valid_rows"}
     assert (run / "eval" / "metrics.png").stat().st_size > 1000 and (run / "eval" / "metrics.md").is_file()
+    from recalign.tracking import connect
+
+    client = connect(f"file:{run / 'mlflow'}")  # every policy the align stage trained is an MLflow run
+    experiment = client.get_experiment_by_name("smoke")
+    finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    assert len(finished) == 3, [r.data.tags for r in finished]
+    assert "pipeline.log" in os.listdir(run) and "[sasrec] running" in (run / "pipeline.log").read_text()
     assert "llm sft+sdpo (8 of 943 users, none sampled)" in capsys.readouterr().out, "the results table is printed"
     rows = json.loads((run / "eval" / "systems" / "llm_sft-sdpo.json").read_text())["rows"]
     test_users = pipeline_test_users(run)
