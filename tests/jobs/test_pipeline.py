@@ -81,7 +81,7 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     experiment = client.get_experiment_by_name("smoke")
     finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
     assert len(finished) == 3, [r.data.tags for r in finished]
-    assert "pipeline.log" in os.listdir(run) and "[sasrec] running" in (run / "pipeline.log").read_text()
+    assert (run / "pipeline.log").is_file()  # what goes to it: tests/jobs/test_console.py (here pytest holds stdout)
     assert "llm sft+sdpo (8 of 943 users, none sampled)" in capsys.readouterr().out, "the results table is printed"
     rows = json.loads((run / "eval" / "systems" / "llm_sft-sdpo.json").read_text())["rows"]
     test_users = pipeline_test_users(run)
