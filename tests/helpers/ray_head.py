@@ -19,6 +19,9 @@ OWN_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metric
              "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
 # What a busy head answers now and then, unlike a real refusal: the job agent still starting, a dashboard too
 # loaded to answer in time.
+# What an embedded Ray of this test session (the `ray_local` fixture) leaves in os.environ that would point the
+# head's jobs at it: Ray Train's controller asks the State API at RAY_API_SERVER_ADDRESS first.
+SESSION_ONLY = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR")
 TRANSIENT = ("No available agent", "Failed to connect", "ConnectionError", "timed out")
 
 
@@ -49,6 +52,7 @@ def ray_head(env: dict, log: str, num_cpus: int = 4, client_env: dict | None = N
              timeout: float = 420) -> Iterator[str]:
     """Start a head with `env`, wait until its Jobs API answers a client with `client_env` (default `env`), yield
     its dashboard address; stopped by PID on exit. The head's output goes to `log`, quoted when it fails."""
+    env = {k: v for k, v in env.items() if k not in SESSION_ONLY}
     temp_dir = f"/tmp/rchead-{os.getpid()}-{os.urandom(2).hex()}"
     gcs_port, dash_port, *others = free_ports(2 + len(OWN_PORTS))
     out = open(log, "w")

@@ -22,7 +22,7 @@ def head(tmp_path_factory):
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path / "home"), "PATH": path}
-    for key in ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH"):
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR", "VIRTUAL_ENV", "PYTHONPATH"):
         env.pop(key, None)
     with ray_head(env, str(tmp_path / "head.log")) as address:
         yield address, env
