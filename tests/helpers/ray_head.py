@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import Iterator
+
+from tests.helpers import free_ports, stop
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 OWN_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -23,18 +24,6 @@ OWN_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metric
 # head's jobs at it: Ray Train's controller asks the State API at RAY_API_SERVER_ADDRESS first.
 SESSION_ONLY = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR")
 TRANSIENT = ("No available agent", "Failed to connect", "ConnectionError", "timed out")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 (all held open while they are picked)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def ray_cmd(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -75,10 +64,6 @@ def ray_head(env: dict, log: str, num_cpus: int = 4, client_env: dict | None = N
             time.sleep(2)
         yield address
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        stop(head, timeout=60)
         out.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

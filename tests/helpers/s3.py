@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from typing import Iterator
 
+from tests.helpers import free_ports, stop
+
 MOTO = os.path.join(os.path.dirname(sys.executable), "moto_server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -33,7 +28,7 @@ def s3_env(endpoint: str) -> dict[str, str]:
 @contextlib.contextmanager
 def moto_server(bucket: str = "recalign-test", timeout: float = 60) -> Iterator[str]:
     """Run moto's server on a free 127.0.0.1 port with `bucket` created; yields its endpoint URL. Stopped by PID."""
-    port = free_port()
+    port = free_ports(1)[0]
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -51,8 +46,4 @@ def moto_server(bucket: str = "recalign-test", timeout: float = 60) -> Iterator[
         urllib.request.urlopen(request, timeout=10)
         yield endpoint
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout=20)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
-from tests.helpers.ray_head import free_ports, ray_cmd, ray_head
+from tests.helpers import REPO, free_ports
+from tests.helpers.ray_head import ray_cmd, ray_head
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import REPO
-from tests.helpers.s3 import free_port, moto_server, s3_env
+from tests.helpers import REPO, free_ports
+from tests.helpers.s3 import moto_server, s3_env
 
 ROOT = "s3://recalign-test/runs"
 RUN = "recalign-test/runs/smoke"
@@ -83,7 +83,7 @@ def test_the_smoke_pipeline_on_s3_resumes_and_serves_from_there(tmp_path):
         assert not [p for p in os.listdir(tmp_path) if p not in ("node-cache",)], "outputs only on S3"
 
         # 3. Serve loads the base model and the adapter from S3.
-        port = free_port()
+        port = free_ports(1)[0]
         server = subprocess.Popen([sys.executable, os.path.join(REPO, "serve", "app.py"), f"run_dir={ROOT}/smoke",
                                    "model=tiny", "adapter=policy/rerank/sft+sdpo", f"port={port}"],
                                   env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -13,7 +13,6 @@ re-read from the GGUF metadata and set explicitly.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -131,11 +130,7 @@ def _converted(gguf_path: Path, out_dir: Path, convert: bool) -> Path:
 
 def gguf_digest(gguf_path: Path) -> str:
     """sha256 of the GGUF file (a fresh package version must not reuse an old conversion)."""
-    digest = hashlib.sha256()
-    with open(gguf_path, "rb") as src:
-        for chunk in iter(lambda: src.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return store.sha256_file(gguf_path)
 
 
 def is_converted(gguf_path: Path, out_dir: Path) -> bool:

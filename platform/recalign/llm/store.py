@@ -36,7 +36,7 @@ def manifest_of(local_dir: str | Path) -> dict[str, Any]:
     root = Path(local_dir)
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return {"files": files}
 
 
@@ -120,7 +120,7 @@ def _download(uri: str, target: Path, manifest: dict[str, Any]) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(f"{path}/{name}", str(dest), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
-            size, digest = dest.stat().st_size, _sha256(dest)
+            size, digest = dest.stat().st_size, sha256_file(dest)
             if size != meta["size"] or digest != meta["sha256"]:
                 raise StorageError(f"{uri}/{name}: downloaded {size} bytes with SHA-256 {digest[:12]}, the manifest "
                                    f"says {meta['size']} bytes, {meta['sha256'][:12]}; the copy there is damaged or "
@@ -145,7 +145,8 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a local file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
