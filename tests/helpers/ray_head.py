@@ -27,7 +27,9 @@ TRANSIENT = ("No available agent", "Failed to connect", "ConnectionError", "time
 
 
 def ray_cmd(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A `ray ...` command, retried while the head answers with a transient error."""
+    """A `ray ...` command, retried while the head answers with a transient error. What the session's own
+    embedded Ray left in `env` is dropped: `ray job submit --address X` goes to RAY_API_SERVER_ADDRESS when set."""
+    env = {k: v for k, v in env.items() if k not in SESSION_ONLY}
     deadline = time.time() + timeout
     while True:
         done = subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=900)
