@@ -5,8 +5,8 @@ a storage URI, a cluster address, a request. Its message says what is wrong, whe
 or key) and what to do. The jobs print it as one `error: ...` line and exit with status 2
 (`verbose=true` shows the traceback); anything else is an internal failure and keeps its traceback.
 
-The library's error classes (ConfigError, DataError, ModelError, EncoderError, RequestError,
-MissingInputError, StorageError, ClusterError) all derive from it. `find_user_error` digs one out of
+The library's error classes (ConfigError, DataError, ModelError, EncoderError, MissingInputError,
+StorageError, ClusterError) all derive from it; a bad HTTP request is `recalign.rerank.api.ApiError`, a 4xx. `find_user_error` digs one out of
 the wrappers Ray puts around an error raised in a task, an actor or a Train worker.
 """
 

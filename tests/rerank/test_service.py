@@ -9,14 +9,17 @@ from recalign.data.dataset import Dataset
 from recalign.llm.policy import load_policy
 from recalign.prompts import PromptConfig
 from recalign.rerank.scorer import RerankConfig
-from recalign.rerank.service import RequestError, RerankService
+from recalign.rerank.api import ApiError
+from recalign.rerank.service import RerankService
 
 
 @pytest.fixture(scope="module")
 def service(tiny_llama_dir, ml100k_dir):
     loader = functools.partial(load_policy, str(tiny_llama_dir))
-    return RerankService(Dataset(ml100k_dir).items, loader, RerankConfig(max_new_tokens=1),
-                         PromptConfig(max_history=10, show_genres=False), model_name="tiny")
+    data = Dataset(ml100k_dir)
+    return RerankService(data.items, loader, RerankConfig(max_new_tokens=1),
+                         PromptConfig(max_history=10, show_genres=False), model_name="tiny",
+                         users=data.tables["users"].to_pandas())
 
 
 def test_rerank_ranks_every_candidate_by_letter_logit(service):
@@ -35,16 +38,36 @@ def test_rerank_ranks_every_candidate_by_letter_logit(service):
                                                                           rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("request_body, pattern", [
-    ({"history": ["1"], "candidates": ["2", "999999"]}, r"candidates\[1\]: unknown item id '999999'"),
-    ({"history": ["1"], "candidates": []}, r"candidates: expected a non-empty list"),
-    ({"history": ["1"], "candidates": ["2", "2"]}, r"distinct"),
-    ({"history": ["1", "2"], "ratings": [5], "candidates": ["3"]}, r"ratings: expected a list of 2"),
-    ({"history": ["1"], "ratings": ["x"], "candidates": ["3"]}, r"ratings\[0\]: not a number"),
-    ({"history": ["1"], "candidates": [str(i) for i in range(1, 30)]}, r"at most 26"),
-    ({"histories": [], "candidates": ["1"]}, r"unknown field"),
-    (["1", "2"], r"JSON object"),
+@pytest.mark.parametrize("request_body, status, field, pattern", [
+    ({"history": ["1"], "candidates": ["2", "999999"]}, 422, "candidates[1]", r"unknown item id '999999'"),
+    ({"history": ["1"], "candidates": []}, 422, "candidates", r"at least 1"),
+    ({"history": ["1"], "candidates": ["2", "2"]}, 422, "candidates[1]", r"duplicate"),
+    ({"history": ["1", "2"], "ratings": [5], "candidates": ["3"]}, 422, "ratings", r"one rating per history item"),
+    ({"history": ["1"], "ratings": ["x"], "candidates": ["3"]}, 422, "ratings[0]", r"valid number"),
+    ({"history": ["1"], "candidates": [str(i) for i in range(1, 30)]}, 422, "candidates", r"at most 26"),
+    ({"histories": [], "candidates": ["1"]}, 422, "histories", r"unknown field"),
+    ({"user_id": "no-such-user", "candidates": ["1"]}, 404, "user_id", r"unknown user"),
+    (["1", "2"], 422, "body", r"JSON object"),
 ])
-def test_bad_requests_name_the_field(service, request_body, pattern):
-    with pytest.raises(RequestError, match=pattern):
+def test_bad_requests_name_the_field(service, request_body, status, field, pattern):
+    with pytest.raises(ApiError, match=pattern) as err:
         service.parse(request_body)
+    assert (err.value.status, err.value.field) == (status, field)
+
+
+def test_a_known_user_is_ranked_on_their_train_history_and_top_n_cuts(service):
+    user = service.users["1"]
+    by_user = service.rerank([{"user_id": "1", "candidates": ["1", "2", "3", "4"], "top_n": 2}])[0]
+    ids = [str(service.items.loc[i, "item_id"]) for i in user[0]]
+    # The prompt shows the last max_history (10) items: the same ten sent as a history give the same ranking.
+    by_history = service.rerank([{"history": ids[-10:], "ratings": user[1][-10:], "candidates": ["1", "2", "3", "4"]}])[0]
+    assert [r["item_id"] for r in by_user["ranking"]] == [r["item_id"] for r in by_history["ranking"]][:2]
+    assert by_user["explanation"] is None
+
+
+def test_explain_decodes_an_answer_without_changing_the_scores(service):
+    request = {"history": ["50", "172"], "candidates": ["1", "2", "3"]}
+    plain, explained = service.rerank([request, {**request, "explain": True}])
+    assert plain["explanation"] is None and isinstance(explained["explanation"], str)
+    assert [r["score"] for r in plain["ranking"]] == pytest.approx([r["score"] for r in explained["ranking"]],
+                                                                   rel=1e-4, abs=1e-4)

@@ -1,48 +1,143 @@
-"""The re-ranking service: request validation, and the Serve app over real HTTP."""
+"""The Serve app over real HTTP on a tiny model: keys, limits, every bad body a 4xx JSON error naming a field,
+concurrent requests answered as one by one, OpenAPI, and generated requests that never get a 5xx."""
 
 import json
-import socket
+import os
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from recalign.rerank.scorer import RerankConfig
+from tests.helpers import free_ports
+
+KEY = "test-key-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def call(url, body=None, key=KEY, raw: bytes | None = None, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, {"raw": text[:500].decode(errors="replace")}
 
 
-@pytest.mark.ray
-def test_serve_app_over_http(ray_local, tiny_llama_dir, ml100k_dir, tmp_path):
-    import os
-
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tiny_llama_dir, ml100k_dir, tmp_path_factory):
     from ray import serve
 
     from serve.app import ServeJob, build
 
-    run_dir = os.path.dirname(ml100k_dir)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    keys_file = tmp_path_factory.mktemp("keys") / "keys"
+    keys_file.write_text(KEY + "\n")
+    port, = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     try:
-        cfg = ServeJob(run_dir=run_dir, model=str(tiny_llama_dir), rerank=RerankConfig(max_new_tokens=1))
-        serve.run(build(cfg), name="recalign-test", route_prefix="/rerank")
-        url = f"http://127.0.0.1:{port}/rerank"
-        status, reply = _post(url, {"history": ["50", "172"], "candidates": ["1", "2", "3"]})
-        assert status == 200 and len(reply["ranking"]) == 3
-        status, reply = _post(url, {"history": ["50"], "candidates": ["nope"]})
-        assert status == 400 and "unknown item id 'nope'" in reply["error"]
+        cfg = ServeJob(run_dir=os.path.dirname(ml100k_dir), model=str(tiny_llama_dir), keys_file=str(keys_file),
+                       rerank=RerankConfig(max_new_tokens=2))
+        serve.run(build(cfg), name="recalign-test", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.ray
+def test_rerank_keys_and_documented_api(endpoint):
+    status, reply = call(f"{endpoint}/v1/rerank", {"history": ["50", "172"], "candidates": ["1", "2", "3"],
+                                                   "top_n": 2})
+    assert status == 200, reply
+    assert len(reply["ranking"]) == 2 and reply["system"] == "llm:base" and len(reply["request_id"]) == 32
+    assert reply["ranking"][0]["score"] >= reply["ranking"][1]["score"] and reply["explanation"] is None
+    status, reply = call(f"{endpoint}/v1/rerank", {"user_id": "1", "candidates": ["1", "2"], "explain": True})
+    assert status == 200 and isinstance(reply["explanation"], str)
+
+    assert call(f"{endpoint}/v1/rerank", {"history": [], "candidates": ["1"]}, key=None)[0] == 401
+    assert call(f"{endpoint}/v1/rerank", {"history": [], "candidates": ["1"]}, key="wrong")[0] == 403
+    assert call(f"{endpoint}/v1/systems", key=None)[0] == 401
+    status, systems = call(f"{endpoint}/v1/systems")
+    assert status == 200 and systems["default"] == "llm:base"
+    assert call(f"{endpoint}/healthz", key=None) == (200, {"status": "ok", "system": "llm:base"})
+    status, spec = call(f"{endpoint}/openapi.json", key=None)
+    assert status == 200 and "/v1/rerank" in spec["paths"]
+    assert "candidates" in json.dumps(spec["paths"]["/v1/rerank"]["post"]["requestBody"])
+    status, reply = call(f"{endpoint}/v1/rerank", {"history": [], "candidates": ["1"], "system": "sasrec"})
+    assert status == 404 and reply["error"]["field"] == "system" and "llm:base" in reply["error"]["message"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("raw, status, field", [
+    (b'{"history": ["50"], "candidates": ["nope"]}', 422, "candidates[0]"),
+    (b'{"history": ["50"], "ratings": [1e400], "candidates": ["1"]}', 422, "ratings[0]"),
+    (b'{"history": ["50"], "ratings": [NaN], "candidates": ["1"]}', 422, "ratings[0]"),
+    (b'{"history": ["50"], "ratings": [' + b"9" * 400 + b'], "candidates": ["1"]}', 422, "ratings[0]"),
+    (b"[" * 30000, 400, "body"),
+    (b"{not json", 400, "body"),
+    (b'{"history": ["' + b"x" * 100_000 + b'"], "candidates": ["1"]}', 413, "body"),
+    (b'{"user_id": "no-such-user", "candidates": ["1"]}', 404, "user_id"),
+])
+def test_bad_bodies_get_a_json_4xx_naming_the_field(endpoint, raw, status, field):
+    got, reply = call(f"{endpoint}/v1/rerank", raw=raw)
+    assert (got, reply.get("error", {}).get("field")) == (status, field), reply
+    assert len(json.dumps(reply)) < 600
+
+
+@pytest.mark.ray
+def test_concurrent_requests_are_answered_as_one_by_one(endpoint):
+    bodies = [{"history": [str(h) for h in range(1 + i, 6 + i)], "candidates": [str(c) for c in range(20, 24 + i)]}
+              for i in range(8)]
+    alone = [call(f"{endpoint}/v1/rerank", b) for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda b: call(f"{endpoint}/v1/rerank", b), bodies))
+    for (s1, r1), (s2, r2) in zip(alone, together):
+        assert s1 == s2 == 200
+        assert [r["item_id"] for r in r1["ranking"]] == [r["item_id"] for r in r2["ranking"]]
+        assert [r["score"] for r in r1["ranking"]] == pytest.approx([r["score"] for r in r2["ranking"]],
+                                                                    rel=1e-3, abs=1e-3)
+
+
+ITEM = st.sampled_from(["1", "2", "50", "172", "999999", "", "x" * 70]) | st.text(max_size=8)
+NUMBER = st.integers(-10, 10) | st.floats(allow_nan=True, allow_infinity=True) | st.integers(10 ** 20, 10 ** 30)
+VALUE = st.none() | st.booleans() | NUMBER | ITEM | st.lists(ITEM, max_size=30) | st.lists(NUMBER, max_size=5)
+REQUEST = st.fixed_dictionaries({}, optional={
+    "history": st.lists(ITEM, max_size=8) | VALUE, "user_id": st.sampled_from(["1", "2", "nobody"]) | VALUE,
+    "ratings": st.lists(NUMBER, max_size=8) | VALUE, "candidates": st.lists(ITEM, min_size=1, max_size=28) | VALUE,
+    "top_n": NUMBER | VALUE, "system": st.sampled_from(["llm:base", "fusion"]) | VALUE, "explain": VALUE,
+    "unknown": VALUE})
+
+
+def fuzz(endpoint, examples: int):
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(REQUEST)
+    def check(body):
+        raw = json.dumps(body, allow_nan=True).encode()
+        status, reply = call(f"{endpoint}/v1/rerank", raw=raw)
+        assert status < 500, (status, reply, raw[:300])
+        if status >= 400:
+            assert reply["error"]["field"] and reply["error"]["message"], reply
+        else:
+            assert reply["ranking"], reply
+
+    check()
+
+
+@pytest.mark.ray
+def test_generated_requests_never_get_a_5xx(endpoint):
+    fuzz(endpoint, 200)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_thousand_generated_requests_never_get_a_5xx(endpoint):
+    fuzz(endpoint, 2000)

@@ -79,17 +79,19 @@ class LetterScorer:
         self.letter_ids = letter_token_ids(self.tokenizer, num_candidates)
         self.cfg = cfg
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], generate: bool = True) -> dict[str, np.ndarray]:
+        """generate=False (or max_new_tokens=0): one forward pass per chunk, no answer decoded ("" each)."""
         logits, answers = [], []
         texts = list(batch["prompt"])
         for start in range(0, len(texts), self.cfg.batch_size):
-            chunk_logits, chunk_answers = self._score(texts[start:start + self.cfg.batch_size])
+            chunk_logits, chunk_answers = self._score(texts[start:start + self.cfg.batch_size],
+                                                      generate and self.cfg.max_new_tokens > 0)
             logits.append(chunk_logits)
             answers.extend(chunk_answers)
         return {**batch, "letter_logits": np.concatenate(logits).astype(np.float32),
                 "answer": np.array(answers, dtype=object)}
 
-    def _score(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+    def _score(self, texts: list[str], generate: bool = True) -> tuple[np.ndarray, list[str]]:
         import torch
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -101,8 +103,11 @@ class LetterScorer:
         hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0][:, -1]) if not captured else None)
         try:
             with torch.no_grad():
-                out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                          return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id)
+                if generate:
+                    out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                              return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id)
+                else:
+                    self.model(**enc)
         finally:
             hook.remove()
         with torch.no_grad():
@@ -110,6 +115,8 @@ class LetterScorer:
             if getattr(head, "bias", None) is not None:
                 letter_logits = letter_logits + head.bias[self.letter_ids].float()
         letter_logits = letter_logits.cpu().numpy()
+        if not generate:
+            return letter_logits, [""] * len(texts)
         new_tokens = out.sequences[:, enc["input_ids"].shape[1]:].cpu()
         answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return letter_logits, answers
