@@ -19,11 +19,14 @@ import functools
 import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve import metrics
+from ray.serve.config import BackpressureConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -84,10 +87,19 @@ class Reranker:
         self._rerank.set_max_batch_size(max(rerank_cfg.batch_size, 1))
         first = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
         self.probe = self.service.prompt(first)
+        # Application metrics, exported by Ray's metrics agent for Prometheus as ray_recalign_* (docs/serving.md).
+        self.requests = metrics.Counter("recalign_requests", "re-rank requests by HTTP status and system",
+                                        tag_keys=("status", "system"))
+        self.latency = metrics.Histogram("recalign_request_seconds", "re-rank latency in the replica, seconds",
+                                         boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                                         tag_keys=("system",))
+        self.batch_size = metrics.Histogram("recalign_batch_size", "requests per forward pass",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def _rerank(self, requests: list) -> list[dict]:
         # Torch blocks: run it in a thread so the replica keeps answering (health checks, 4xx) meanwhile.
+        self.batch_size.observe(len(requests))
         return await asyncio.to_thread(self.service.rerank, requests)
 
     @api.post("/v1/rerank", response_model=RerankReply, openapi_extra=REQUEST_SCHEMA,
@@ -96,6 +108,13 @@ class Reranker:
                   (413, "body too large"), (422, "a field is invalid (named in error.field)"),
                   (503, "overloaded: retry later")]})
     async def rerank(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        response = await self._answer(request)
+        self.requests.inc(tags={"status": str(response.status_code), "system": self.system})
+        self.latency.observe(time.perf_counter() - start, tags={"system": self.system})
+        return response
+
+    async def _answer(self, request: Request) -> JSONResponse:
         request_id = uuid.uuid4().hex
         try:
             if self.keys is not None:
@@ -149,6 +168,7 @@ class ServeJob:
     limits: ApiLimits = option(factory=ApiLimits, help="request size limits")
     max_ongoing_requests: int = option(16, "requests a replica works on at once")
     max_queued_requests: int = option(64, "requests queued per caller before the endpoint answers 503")
+    retry_after_s: float = option(1.0, "the Retry-After (seconds) of that 503")
     request_timeout_s: float = option(60.0, "the HTTP proxy gives up on a request after this many seconds")
 
 
@@ -171,7 +191,10 @@ def build(cfg: ServeJob, loader=None):
     if keys is None:
         print("recalign serve: auth=none: the endpoint takes requests WITHOUT API keys", file=sys.stderr)
     deployment = Reranker.options(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                                  max_queued_requests=cfg.max_queued_requests, ray_actor_options={
+                                  max_queued_requests=cfg.max_queued_requests,
+                                  backpressure_config=BackpressureConfig(status_code=503,
+                                                                         retry_after_s=cfg.retry_after_s),
+                                  ray_actor_options={
                                       "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
     system = "llm:" + (os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "base")
     return deployment.bind(data_dir, model_path, adapter or None, asdict(cfg.rerank),

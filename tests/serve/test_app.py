@@ -141,3 +141,96 @@ def test_generated_requests_never_get_a_5xx(endpoint):
 @pytest.mark.slow
 def test_two_thousand_generated_requests_never_get_a_5xx(endpoint):
     fuzz(endpoint, 2000)
+
+
+@pytest.mark.ray
+def test_replica_metrics_reach_prometheus(endpoint):
+    import time
+
+    import ray
+
+    assert call(f"{endpoint}/v1/rerank", {"history": ["50"], "candidates": ["1", "2"]})[0] == 200
+    assert call(f"{endpoint}/v1/rerank", {"history": ["50"], "candidates": ["nope"]})[0] == 422
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        if 'status="422"' in text and "ray_recalign_request_seconds_bucket" in text:
+            break
+        time.sleep(3)
+    lines = [line for line in text.splitlines() if line.startswith("ray_recalign_")]
+    assert any(line.startswith("ray_recalign_requests_total") and 'status="200"' in line and
+               'system="llm:base"' in line for line in lines), lines[:20]
+    assert any('status="422"' in line for line in lines), lines[:20]
+    assert any(line.startswith("ray_recalign_batch_size_bucket") for line in lines), lines[:20]
+
+
+@pytest.mark.ray
+def test_overload_is_answered_at_once_with_503(endpoint, tiny_llama_dir, ml100k_dir):
+    """One replica that takes one request at a time and queues one: of 12 slow requests sent together, the
+    ones over the queue get a 503 at once instead of waiting."""
+    import time
+
+    from ray import serve
+
+    from serve.app import ServeJob, build
+
+    cfg = ServeJob(run_dir=os.path.dirname(ml100k_dir), model=str(tiny_llama_dir), auth="none",
+                   max_ongoing_requests=1, max_queued_requests=1, rerank=RerankConfig(max_new_tokens=64))
+    serve.run(build(cfg), name="recalign-overload", route_prefix="/overload")
+    try:
+        slow = {"history": ["50", "172"], "candidates": ["1", "2", "3"], "explain": True}
+        assert call(f"{endpoint}/overload/v1/rerank", slow, key=None)[0] == 200
+
+        def timed(_):
+            start = time.perf_counter()
+            req = urllib.request.Request(f"{endpoint}/overload/v1/rerank", data=json.dumps(slow).encode())
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    status = resp.status
+            except urllib.error.HTTPError as err:
+                status = err.code
+                assert status != 503 or err.headers.get("Retry-After") == "1", dict(err.headers)
+            return status, time.perf_counter() - start
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(timed, range(12)))
+        statuses = [s for s, _ in results]
+        assert set(statuses) <= {200, 503} and statuses.count(503) >= 5 and 200 in statuses, results
+        slowest_ok = max(t for s, t in results if s == 200)
+        assert all(t < slowest_ok for s, t in results if s == 503), results
+    finally:
+        serve.delete("recalign-overload")
+
+
+@pytest.mark.ray
+def test_serve_config_validates_and_starts(endpoint, tiny_llama_dir, ml100k_dir):
+    """serve/config.yaml passes Serve's own schema; its app, built from its args (paths pointed at the test's
+    run and model), with its deployment overrides applied, starts and answers."""
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    import serve.app as app_module
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, "serve", "config.yaml")) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    app, = config.applications
+    module, _, attr = app.import_path.partition(":")
+    assert module == "serve.app" and getattr(app_module, attr) is app_module.app_builder
+    args = {**app.args, "run_dir": os.path.dirname(ml100k_dir), "model": str(tiny_llama_dir), "adapter": "",
+            "auth": "none"}
+    override, = app.deployments
+    options = override.model_dump(exclude_unset=True, exclude={"name"})
+    assert override.name == app_module.Reranker.name and options["autoscaling_config"]["max_replicas"] >= 2
+    options["autoscaling_config"] = {**options["autoscaling_config"], "max_replicas": 1}  # the test's 4 CPUs
+    built = app_module.app_builder({k: str(v) for k, v in args.items()})
+    built._bound_deployment = built._bound_deployment.options(**options)
+    serve.run(built, name="recalign-config", route_prefix="/config")
+    try:
+        status, reply = call(f"{endpoint}/config/v1/rerank", {"history": ["50"], "candidates": ["1", "2"]}, key=None)
+        assert status == 200 and len(reply["ranking"]) == 2
+    finally:
+        serve.delete("recalign-config")
