@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from recalign import io
 from recalign.config import option
 from recalign.data.dataset import Dataset
-from recalign.errors import MissingInputError
+from recalign.errors import MissingInputError, UserError
 from recalign.llm.convert import resolve_model
 from recalign.llm.policy import load_policy
 from recalign.pairs.stage import rerank_prompt
@@ -41,7 +41,7 @@ from recalign.prompts import PromptConfig
 from recalign.rerank.api import (ApiError, ApiKeys, ApiLimits, RerankReply, RerankRequest, parse_request, read_json,
                                  short)
 from recalign.rerank.scorer import RerankConfig
-from recalign.rerank.service import RerankService
+from recalign.rerank.service import ParsedRequest, RerankService
 from recalign.runs import RunSpec
 
 log = logging.getLogger("ray.serve")
@@ -73,18 +73,24 @@ def error_reply(err: ApiError, request_id: str) -> JSONResponse:
                   health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=20)
 @serve.ingress(api)
 class Reranker:
-    def __init__(self, data_dir: str, model_path: str, adapter: str | None, cfg: dict, prompt: dict,
-                 key_digests: list[bytes] | None, limits: dict, system: str, loader=None):
-        rerank_cfg = RerankConfig(**cfg)
-        loader = loader or functools.partial(load_policy, model_path, adapter, rerank_cfg.dtype)
-        name = os.path.basename(model_path.rstrip("/")) + (f"+{adapter}" if adapter else "")
-        data = Dataset(data_dir)
+    """One replica: the default system resident, the others' adapters loaded on demand into an LRU of
+    `max_adapters` (@serve.multiplexed), each a base model with its LoRA merged."""
+
+    def __init__(self, data_dir: str, model_path: str, systems: dict[str, str | None], default: str, cfg: dict,
+                 prompt: dict, key_digests: list[bytes] | None, limits: dict, max_adapters: int):
+        self.model_path, self.rerank_cfg, self.prompt_cfg = model_path, RerankConfig(**cfg), PromptConfig(**prompt)
+        self.data = Dataset(data_dir)
+        self.users = self.data.tables["users"].to_pandas()
         self.limits = ApiLimits(**limits)
-        self.service = RerankService(data.items, loader, rerank_cfg, PromptConfig(**prompt), model_name=name,
-                                     users=data.tables["users"].to_pandas(), limits=self.limits)
+        self.systems, self.default = systems, default
+        self.service = self._load_service(default)
         self.keys = ApiKeys(key_digests) if key_digests is not None else None
-        self.system = system
-        self._rerank.set_max_batch_size(max(rerank_cfg.batch_size, 1))
+
+        async def load(system: str) -> RerankService:
+            return await asyncio.to_thread(self._load_service, system)
+
+        self._loaded = serve.multiplexed(max_num_models_per_replica=max(max_adapters, 1))(load)
+        self._rerank.set_max_batch_size(max(self.rerank_cfg.batch_size, 1))
         first = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
         self.probe = self.service.prompt(first)
         # Application metrics, exported by Ray's metrics agent for Prometheus as ray_recalign_* (docs/serving.md).
@@ -96,11 +102,28 @@ class Reranker:
         self.batch_size = metrics.Histogram("recalign_batch_size", "requests per forward pass",
                                             boundaries=[1, 2, 4, 8, 16, 32, 64])
 
+    def _load_service(self, system: str) -> RerankService:
+        adapter = self.systems[system]
+        loader = functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype)
+        name = os.path.basename(self.model_path.rstrip("/")) + (f"+{os.path.basename(adapter)}" if adapter else "")
+        return RerankService(self.data.items, loader, self.rerank_cfg, self.prompt_cfg, model_name=name,
+                             users=self.users, limits=self.limits)
+
+    async def _service(self, system: str) -> RerankService:
+        return self.service if system == self.default else await self._loaded(system)
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _rerank(self, requests: list) -> list[dict]:
-        # Torch blocks: run it in a thread so the replica keeps answering (health checks, 4xx) meanwhile.
+    async def _rerank(self, requests: list[tuple[str, ParsedRequest]]) -> list[dict]:
+        """(system, request) pairs -> replies, one scorer pass per system in the batch. Torch blocks: it runs
+        in a thread so the replica keeps answering (health checks, 4xx) meanwhile."""
         self.batch_size.observe(len(requests))
-        return await asyncio.to_thread(self.service.rerank, requests)
+        replies: list[dict | None] = [None] * len(requests)
+        for system in dict.fromkeys(s for s, _ in requests):
+            rows = [i for i, (s, _) in enumerate(requests) if s == system]
+            service = await self._service(system)
+            for i, reply in zip(rows, await asyncio.to_thread(service.rerank, [requests[i][1] for i in rows])):
+                replies[i] = {"system": system, **reply}
+        return replies
 
     @api.post("/v1/rerank", response_model=RerankReply, openapi_extra=REQUEST_SCHEMA,
               responses={code: {"description": why} for code, why in [
@@ -110,8 +133,9 @@ class Reranker:
     async def rerank(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         response = await self._answer(request)
-        self.requests.inc(tags={"status": str(response.status_code), "system": self.system})
-        self.latency.observe(time.perf_counter() - start, tags={"system": self.system})
+        system = response.headers.get("x-recalign-system", "-")
+        self.requests.inc(tags={"status": str(response.status_code), "system": system})
+        self.latency.observe(time.perf_counter() - start, tags={"system": system})
         return response
 
     async def _answer(self, request: Request) -> JSONResponse:
@@ -121,14 +145,15 @@ class Reranker:
                 self.keys.check(request.headers.get("authorization"))
             req = parse_request(read_json(await read_body(request, self.limits.max_body_bytes), self.limits),
                                 self.limits)
-            if req.system is not None and req.system != self.system:
-                raise ApiError(404, "system", f"unknown system {short(req.system)}; this deployment serves "
-                                              f"{[self.system]}")
+            system = req.system or self.default
+            if system not in self.systems:
+                raise ApiError(404, "system", f"unknown system {short(system)}; this deployment serves "
+                                              f"{sorted(self.systems)}")
             parsed = self.service.parse(req)
         except ApiError as err:
             return error_reply(err, request_id)
-        reply = await self._rerank(parsed)
-        return JSONResponse({"request_id": request_id, "system": self.system, **reply})
+        reply = await self._rerank((system, parsed))
+        return JSONResponse({"request_id": request_id, **reply}, headers={"X-Recalign-System": system})
 
     @api.get("/v1/systems")
     async def systems(self, request: Request) -> JSONResponse:
@@ -137,13 +162,14 @@ class Reranker:
                 self.keys.check(request.headers.get("authorization"))
         except ApiError as err:
             return error_reply(err, uuid.uuid4().hex)
-        return JSONResponse({"default": self.system, "systems": [
-            {"name": self.system, "model": self.service.model_name, "kind": "llm-letter-logits",
-             "max_candidates": self.limits.max_candidates, "max_history": self.limits.max_history}]})
+        return JSONResponse({"default": self.default, "max_candidates": self.limits.max_candidates,
+                             "max_history": self.limits.max_history, "systems": [
+                                 {"name": name, "kind": "llm-letter-logits", "base_model": self.model_path,
+                                  "adapter": adapter} for name, adapter in self.systems.items()]})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "system": self.system}
+        return {"status": "ok", "system": self.default}
 
     def check_health(self) -> None:
         """Serve's health check: one tiny forward pass; an exception marks the replica unhealthy."""
@@ -156,7 +182,11 @@ class ServeJob:
     model: str = option("smollm2", "base model: \"smollm2\" (converted default) or a local HF folder")
     models_dir: str = option("", "where converted models live; empty: <run root>/models (the run dir's parent) when "
                                  "run_dir is a URI or an absolute path, else ./models")
-    adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir); empty = base model")
+    adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir) of the default system; "
+                              "empty = the base model")
+    adapters: list[str] = option(factory=list, help="more adapter folders, each served as system llm:<folder name> "
+                                                    "beside llm:base and the default (POST /v1/rerank system=...)")
+    max_adapters: int = option(2, "non-default systems a replica keeps loaded (LRU, @serve.multiplexed)")
     host: str = option("127.0.0.1", "HTTP host of the embedded Serve proxy")
     port: int = option(8000, "HTTP port of the embedded Serve proxy")
     replicas: int = option(1, "Serve replicas; each holds rerank.cpus_per_actor CPUs and rerank.num_gpus GPUs")
@@ -172,18 +202,26 @@ class ServeJob:
     request_timeout_s: float = option(60.0, "the HTTP proxy gives up on a request after this many seconds")
 
 
-def build(cfg: ServeJob, loader=None):
+def build(cfg: ServeJob):
     data_dir = os.path.join(cfg.run_dir, "data")
     if not io.exists(io.join(data_dir, "meta.json")):
         raise MissingInputError(f"run_dir={cfg.run_dir}: no prepared dataset in {data_dir}; point run_dir at a run "
                                 "(`make run` writes runs/demo) or prepare one with jobs/prepare.py")
-    adapter = cfg.adapter
-    if adapter and not os.path.isabs(adapter) and not os.path.exists(adapter):
-        adapter = os.path.join(cfg.run_dir, adapter)
-    if adapter and not io.exists(io.join(adapter, "adapter_config.json")):
-        raise MissingInputError(f"adapter={cfg.adapter}: {adapter} is not a LoRA adapter folder (no "
-                                "adapter_config.json); use a policy of the run, e.g. policy/rerank/sft+sdpo, or "
-                                "adapter='' for the base model")
+    systems: dict[str, str | None] = {"llm:base": None}
+    for field, value in [("adapter", cfg.adapter)] + [(f"adapters[{i}]", a) for i, a in enumerate(cfg.adapters)]:
+        if not value:
+            continue
+        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(cfg.run_dir, value)
+        if not io.exists(io.join(path, "adapter_config.json")):
+            raise MissingInputError(f"{field}={value}: {path} is not a LoRA adapter folder (no adapter_config.json);"
+                                    " use a policy of the run, e.g. policy/rerank/sft+sdpo, or adapter='' for the "
+                                    "base model")
+        name = "llm:" + os.path.basename(value.rstrip("/"))
+        if systems.get(name, path) != path:
+            raise UserError(f"{field}={value}: system {name} is already {systems[name]}; give adapters distinct "
+                            "folder names")
+        systems[name] = path
+    default = "llm:" + os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "llm:base"
     run_dir = cfg.run_dir.rstrip("/")
     models_dir = RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".").models(cfg.models_dir)
     model_path = str(resolve_model(cfg.model, models_dir))
@@ -196,10 +234,8 @@ def build(cfg: ServeJob, loader=None):
                                                                          retry_after_s=cfg.retry_after_s),
                                   ray_actor_options={
                                       "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
-    system = "llm:" + (os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "base")
-    return deployment.bind(data_dir, model_path, adapter or None, asdict(cfg.rerank),
-                           asdict(run_prompt(cfg.run_dir)), keys.digests if keys else None, asdict(cfg.limits),
-                           system, loader)
+    return deployment.bind(data_dir, model_path, systems, default, asdict(cfg.rerank), asdict(run_prompt(cfg.run_dir)),
+                           keys.digests if keys else None, asdict(cfg.limits), cfg.max_adapters)
 
 
 def run_prompt(run_dir: str) -> PromptConfig:

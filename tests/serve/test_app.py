@@ -234,3 +234,44 @@ def test_serve_config_validates_and_starts(endpoint, tiny_llama_dir, ml100k_dir)
         assert status == 200 and len(reply["ranking"]) == 2
     finally:
         serve.delete("recalign-config")
+
+
+@pytest.mark.ray
+def test_many_adapters_per_replica_each_scores_as_its_merged_model(endpoint, tiny_llama_dir, tiny_adapters,
+                                                                   ml100k_dir):
+    """The default adapter resident, another and the base model through an LRU of one (@serve.multiplexed):
+    asked in turns, each system's scores are those of its adapter merged into a plain model."""
+    import functools
+
+    from ray import serve
+
+    from recalign.data.dataset import Dataset
+    from recalign.llm.policy import load_policy
+    from recalign.rerank.service import RerankService
+    from serve.app import ServeJob, build, run_prompt
+
+    run_dir = os.path.dirname(ml100k_dir)
+    cfg = ServeJob(run_dir=run_dir, model=str(tiny_llama_dir), auth="none", adapter=tiny_adapters["a1"],
+                   adapters=[tiny_adapters["a2"]], max_adapters=1, rerank=RerankConfig(max_new_tokens=1))
+    serve.run(build(cfg), name="recalign-multi", route_prefix="/multi")
+    try:
+        status, systems = call(f"{endpoint}/multi/v1/systems", key=None)
+        assert status == 200 and systems["default"] == "llm:a1"
+        assert [s["name"] for s in systems["systems"]] == ["llm:base", "llm:a1", "llm:a2"]
+        body = {"history": ["50", "172", "133"], "candidates": ["1", "2", "3", "4", "5"]}
+        data = Dataset(ml100k_dir)
+        expected = {}
+        for system, path in [("llm:a1", tiny_adapters["merged1"]), ("llm:a2", tiny_adapters["merged2"]),
+                             ("llm:base", str(tiny_llama_dir))]:
+            reference = RerankService(data.items, functools.partial(load_policy, path), cfg.rerank,
+                                      run_prompt(run_dir))
+            expected[system] = {r["item_id"]: r["score"] for r in reference.rerank([body])[0]["ranking"]}
+        assert expected["llm:a1"] != pytest.approx(expected["llm:a2"], abs=1e-3)
+        for system in ["llm:a2", None, "llm:base", "llm:a2", "llm:a1"]:
+            status, reply = call(f"{endpoint}/multi/v1/rerank", {**body, **({"system": system} if system else {})},
+                                 key=None)
+            assert status == 200 and reply["system"] == (system or "llm:a1"), reply
+            got = {r["item_id"]: r["score"] for r in reply["ranking"]}
+            assert got == pytest.approx(expected[reply["system"]], rel=1e-3, abs=1e-3), system
+    finally:
+        serve.delete("recalign-multi")
