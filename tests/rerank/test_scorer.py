@@ -99,3 +99,23 @@ def test_the_tiny_models_letter_is_the_first_completion_token(tiny_llama_dir, ml
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompt = rerank.build_prompts(Dataset(ml100k_dir), "train", np.array([0]), tokenizer, PROMPT)[0]
     assert_letters_are_first_completion_tokens(tokenizer, prompt)
+
+
+def test_passes_from_two_threads_each_get_their_own_logits(tiny_llama_dir, ml100k_dir):
+    """A Serve replica scores a batch in one thread while its health check scores a probe in another: each
+    pass must read its own answer positions (the LM-head hook is shared), and match a pass alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recalign.data.dataset import Dataset
+
+    loader = functools.partial(load_policy, str(tiny_llama_dir))
+    scorer = rerank.LetterScorer(loader, 20, rerank.RerankConfig(batch_size=4))
+    texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), scorer.tokenizer, PROMPT)
+    alone = {n: scorer._score(texts[:n], generate=False)[0] for n in (1, 4)}
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(10):
+            futures = {n: pool.submit(scorer._score, texts[:n], n == 1) for n in (4, 1)}
+            for n, future in futures.items():
+                logits = future.result()[0]
+                assert logits.shape == (n, 20)
+                np.testing.assert_allclose(logits, alone[n], rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ HR@1 over all rows and over valid rows (PAPERS.md: report all three).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -78,6 +79,9 @@ class LetterScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.letter_ids = letter_token_ids(self.tokenizer, num_candidates)
         self.cfg = cfg
+        # One pass at a time: the answer position is captured by a hook on the shared LM head, so two passes in
+        # two threads (a Serve batch and a health check) would each read the other's hidden states.
+        self.lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray], generate: bool = True) -> dict[str, np.ndarray]:
         """generate=False (or max_new_tokens=0): one forward pass per chunk, no answer decoded ("" each)."""
@@ -92,6 +96,10 @@ class LetterScorer:
                 "answer": np.array(answers, dtype=object)}
 
     def _score(self, texts: list[str], generate: bool = True) -> tuple[np.ndarray, list[str]]:
+        with self.lock:
+            return self._score_locked(texts, generate)
+
+    def _score_locked(self, texts: list[str], generate: bool) -> tuple[np.ndarray, list[str]]:
         import torch
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
