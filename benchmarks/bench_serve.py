@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="load phase length per concurrency")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--batch-size", type=int, default=8, help="rerank.batch_size: requests per forward pass")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the replica (rerank.threads; Ray "
+                                                                 "gives an actor of 1 CPU one OpenMP thread)")
+    parser.add_argument("--cpus", type=float, default=2.0, help="Ray CPUs of the replica (rerank.cpus_per_actor)")
     parser.add_argument("--bare-repeats", type=int, default=30)
     parser.add_argument("--out", default="runs/bench/bench_serve.json")
     return parser.parse_args(argv)
@@ -102,6 +105,7 @@ def bare_forward(model_path: str, prompt: str, batch_size: int, repeats: int) ->
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch
     from ray import serve
 
     from launch import RayConfig, ray_session
@@ -114,7 +118,8 @@ def main(argv=None) -> dict:
     from serve.app import ServeJob, build, run_prompt
 
     cfg = ServeJob(run_dir=args.run_dir, model=args.model, auth="none", max_ongoing_requests=64,
-                   max_queued_requests=256, rerank=RerankConfig(batch_size=args.batch_size))
+                   max_queued_requests=256, rerank=RerankConfig(batch_size=args.batch_size, threads=args.threads,
+                                                       cpus_per_actor=args.cpus))
     app = build(cfg)
     run_dir = args.run_dir.rstrip("/")
     model_path = str(resolve_model(args.model, RunSpec(name=os.path.basename(run_dir),
@@ -131,6 +136,7 @@ def main(argv=None) -> dict:
     del service
 
     result = {"model": model_path, "prompt_tokens": prompt_tokens, "batch_size": args.batch_size,
+              "replica_threads": args.threads, "replica_cpus": args.cpus, "driver_threads": torch.get_num_threads(),
               "seconds_per_phase": args.seconds, "cpus": os.cpu_count(),
               "bare_forward_ms_before": round(1000 * bare_forward(model_path, prompt, args.batch_size,
                                                                   args.bare_repeats), 1)}
