@@ -20,7 +20,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -88,12 +87,8 @@ def load_phase(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
             **{f"p{q}_ms": round(1000 * percentile(latencies, q), 1) if latencies else None for q in (50, 95, 99)}}
 
 
-def bare_forward(model_path: str, prompt: str, batch_size: int, repeats: int) -> float:
+def bare_forward(scorer, prompt: str, repeats: int) -> float:
     """Median seconds of one forward pass of `prompt` alone (letter logits, no decode)."""
-    from recalign.llm.policy import load_policy
-    from recalign.rerank.scorer import LetterScorer, RerankConfig
-
-    scorer = LetterScorer(functools.partial(load_policy, model_path), 26, RerankConfig(batch_size=batch_size))
     scorer._score([prompt], generate=False)  # warm-up
     times = []
     for _ in range(repeats):
@@ -110,36 +105,33 @@ def main(argv=None) -> dict:
 
     from launch import RayConfig, ray_session
     from recalign.data.dataset import Dataset
+    from recalign import io
     from recalign.llm.convert import resolve_model
     from recalign.llm.policy import load_policy
     from recalign.rerank.scorer import RerankConfig
     from recalign.rerank.service import RerankService
-    from recalign.runs import RunSpec
-    from serve.app import ServeJob, build, run_prompt
+    from serve.app import ServeJob, build, run_prompt, run_spec
 
     cfg = ServeJob(run_dir=args.run_dir, model=args.model, auth="none", max_ongoing_requests=64,
                    max_queued_requests=256, rerank=RerankConfig(batch_size=args.batch_size, threads=args.threads,
                                                        cpus_per_actor=args.cpus))
     app = build(cfg)
-    run_dir = args.run_dir.rstrip("/")
-    model_path = str(resolve_model(args.model, RunSpec(name=os.path.basename(run_dir),
-                                                       root=os.path.dirname(run_dir) or ".").models("")))
+    model_path = str(resolve_model(args.model, run_spec(args.run_dir).models(cfg.models_dir)))
     data = Dataset(os.path.join(args.run_dir, "data"))
     test = data.split("test")
     item_id = data.items["item_id"]
     history = [str(item_id[i]) for i in test.history[0] if i > 0][-10:]
     request = {"history": history, "candidates": [str(item_id[i]) for i in test.candidates[0][:20]]}
-    service = RerankService(data.items, functools.partial(load_policy, model_path), RerankConfig(),
-                            run_prompt(args.run_dir))
+    # One copy of the model in this process: it renders the prompt and times the bare forward passes.
+    service = RerankService(data.items, functools.partial(load_policy, model_path),
+                            RerankConfig(batch_size=args.batch_size), run_prompt(args.run_dir))
     prompt = service.prompt(service.parse(request))
     prompt_tokens = len(service.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    del service
 
     result = {"model": model_path, "prompt_tokens": prompt_tokens, "batch_size": args.batch_size,
               "replica_threads": args.threads, "replica_cpus": args.cpus, "driver_threads": torch.get_num_threads(),
               "seconds_per_phase": args.seconds, "cpus": os.cpu_count(),
-              "bare_forward_ms_before": round(1000 * bare_forward(model_path, prompt, args.batch_size,
-                                                                  args.bare_repeats), 1)}
+              "bare_forward_ms_before": round(1000 * bare_forward(service.scorer, prompt, args.bare_repeats), 1)}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -151,8 +143,7 @@ def main(argv=None) -> dict:
         load_phase(url, body, 1, 5)  # warm-up
         result["phases"] = [load_phase(url, body, int(c), args.seconds) for c in args.concurrency.split(",")]
         serve.shutdown()
-    result["bare_forward_ms_after"] = round(1000 * bare_forward(model_path, prompt, args.batch_size,
-                                                                args.bare_repeats), 1)
+    result["bare_forward_ms_after"] = round(1000 * bare_forward(service.scorer, prompt, args.bare_repeats), 1)
     bare = (result["bare_forward_ms_before"] + result["bare_forward_ms_after"]) / 2
     by_c = {p["concurrency"]: p for p in result["phases"]}
     goals = {}
@@ -162,13 +153,8 @@ def main(argv=None) -> dict:
         goals["throughput_16_over_1"] = round(by_c[16]["throughput_rps"] / by_c[1]["throughput_rps"], 2)
     goals["errors"] = sum(sum(p["errors"].values()) for p in result["phases"])
     result["goals"] = goals
-    text = json.dumps(result, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", delete=False, dir=os.path.dirname(os.path.abspath(args.out)) or ".",
-                                     suffix=".tmp") as f:
-        f.write(text + "\n")
-    os.replace(f.name, args.out)
+    print(json.dumps(result, indent=2))
+    io.write_json(result, args.out)  # temp file, then rename
     return result
 
 

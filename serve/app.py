@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import os
 import sys
 import time
@@ -44,7 +43,6 @@ from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import ParsedRequest, RerankService
 from recalign.runs import RunSpec
 
-log = logging.getLogger("ray.serve")
 api = FastAPI(title="recalign re-ranker", version="1",
               description="Re-rank candidate items for a user's history with the run's aligned LLM.")
 REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {
@@ -132,13 +130,13 @@ class Reranker:
                   (503, "overloaded: retry later")]})
     async def rerank(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
-        response = await self._answer(request)
-        system = response.headers.get("x-recalign-system", "-")
+        system, response = await self._answer(request)
         self.requests.inc(tags={"status": str(response.status_code), "system": system})
         self.latency.observe(time.perf_counter() - start, tags={"system": system})
         return response
 
-    async def _answer(self, request: Request) -> JSONResponse:
+    async def _answer(self, request: Request) -> tuple[str, JSONResponse]:
+        """(the system that answered, or "-" for a refused request; the response)."""
         request_id = uuid.uuid4().hex
         try:
             if self.keys is not None:
@@ -151,9 +149,9 @@ class Reranker:
                                               f"{sorted(self.systems)}")
             parsed = self.service.parse(req)
         except ApiError as err:
-            return error_reply(err, request_id)
+            return "-", error_reply(err, request_id)
         reply = await self._rerank((system, parsed))
-        return JSONResponse({"request_id": request_id, **reply}, headers={"X-Recalign-System": system})
+        return system, JSONResponse({"request_id": request_id, **reply})
 
     @api.get("/v1/systems")
     async def systems(self, request: Request) -> JSONResponse:
@@ -223,7 +221,7 @@ def build(cfg: ServeJob):
         systems[name] = path
     default = "llm:" + os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "llm:base"
     run_dir = cfg.run_dir.rstrip("/")
-    models_dir = RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".").models(cfg.models_dir)
+    models_dir = run_spec(run_dir).models(cfg.models_dir)
     model_path = str(resolve_model(cfg.model, models_dir))
     keys = ApiKeys.load(cfg.auth, cfg.keys_file)
     if keys is None:
@@ -241,7 +239,13 @@ def build(cfg: ServeJob):
 def run_prompt(run_dir: str) -> PromptConfig:
     """The re-rank prompt of the run at `run_dir`: the one its re-rank policies were trained on."""
     run_dir = run_dir.rstrip("/")
-    return rerank_prompt(RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or "."))
+    return rerank_prompt(run_spec(run_dir))
+
+
+def run_spec(run_dir: str) -> RunSpec:
+    """The run at `run_dir` (its parent the root)."""
+    run_dir = run_dir.rstrip("/")
+    return RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".")
 
 
 def app_builder(args: dict[str, str]):
