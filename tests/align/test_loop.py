@@ -8,6 +8,7 @@ from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.logprobs import PolicyScorer
 from recalign.align.loop import Plan, build_policy, encode_pairs, precompute_reference, train_step
+from recalign.align.losses import listwise_loss
 from recalign.pairs.read import load_pairs
 from tests.helpers.align import SMALL_ALIGN
 
@@ -170,3 +171,54 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_the_fp32_loss(pairs_
     # A fresh LoRA is the base model: both precisions start at the S-DPO loss log(1 + K) up to bf16 rounding.
     assert sums["no"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=1e-5)
     assert sums["bf16"]["loss_sum"] / 2 == pytest.approx(np.log(3), abs=0.05)
+
+
+def test_listwise_sft_is_the_softmax_over_the_letter_logits(pairs_uris, tiny_llama_dir):
+    """On letter completions the listwise loss equals cross-entropy over the letters' logits at the answer
+    position (the vocabulary's normaliser cancels), and missing completions are left out of the softmax."""
+    from transformers import AutoTokenizer
+
+    from recalign.align.logprobs import collate
+    from recalign.rerank.scorer import letter_token_ids
+
+    cfg = AlignConfig(num_train_epochs=0, sft_max_steps=1, **SMALL_ALIGN)
+    assert cfg.sft_loss == "listwise" and cfg.negatives_loaded > 3
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rerank = [u for u in pairs_uris if u.endswith("rerank.parquet")]
+    examples = encode_pairs(tokenizer, load_pairs(rerank, cfg.negatives_loaded), cfg)
+    model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    model.eval()
+    batch = collate(examples[:3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        losses, top1 = listwise_loss(PolicyScorer(model)(**batch.tensors()), batch.present())
+        letters = letter_token_ids(tokenizer, 20)
+        for b, example in enumerate(examples[:3]):
+            logits = model(input_ids=torch.tensor([example.prompt_ids])).logits[0, -1]
+            ids = [c[0] for c in example.completion_ids]
+            assert set(ids) <= set(letters)
+            expected = torch.logsumexp(logits[ids], 0) - logits[ids[0]]
+            assert losses[b].item() == pytest.approx(expected.item(), abs=1e-4)
+            assert bool(top1[b]) == bool((logits[ids[1:]] < logits[ids[0]]).all())
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -2.0, -0.5]])
+    present = torch.tensor([[True, True, True], [True, True, False]])
+    losses, top1 = listwise_loss(logps, present)
+    assert losses[1].item() == pytest.approx(np.log(1 + np.exp(-1.0)), abs=1e-6)
+    assert top1.tolist() == [False, True]
+
+
+def test_listwise_sft_steps_learn_the_chosen_letters(pairs_uris, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    cfg = AlignConfig(num_train_epochs=0, sft_max_steps=1, per_device_train_batch_size=6, **SMALL_ALIGN)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rerank = [u for u in pairs_uris if u.endswith("rerank.parquet")]
+    examples = encode_pairs(tokenizer, load_pairs(rerank, cfg.negatives_loaded), cfg)
+    model = build_policy(str(tiny_llama_dir), cfg, torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    rows = [np.arange(len(examples))]
+    losses = [train_step(PolicyScorer(model), model, optimizer, examples, rows, cfg, tokenizer.pad_token_id,
+                         torch.device("cpu"), "sft", None, trainable) for _ in range(12)]
+    n = len(examples)
+    assert losses[-1]["loss_sum"] / n < 0.7 * losses[0]["loss_sum"] / n
+    assert losses[-1]["top1_sum"] == n

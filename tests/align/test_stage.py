@@ -9,7 +9,8 @@ from recalign.align.stage import plan_policies
 
 def test_policy_plan_trains_sft_once_then_every_loss_from_it():
     cfg = PoliciesConfig(loss_types=["dpo", "sdpo"], rerank=AlignConfig(sft_max_steps=4, max_steps=3, beta=0.5,
-                                                                         num_negatives=3))
+                                                                         num_negatives=3, max_examples=32,
+                                                                         sft_max_examples=500))
     plan = plan_policies(cfg)
     assert [(label, init) for label, _, init in plan] == [
         ("knowledge/dpo", ""), ("knowledge/sdpo", ""), ("rerank/sft", ""),
@@ -18,6 +19,8 @@ def test_policy_plan_trains_sft_once_then_every_loss_from_it():
     sft = align["rerank/sft"]
     assert (sft.sft_max_steps, sft.max_steps, sft.num_train_epochs, sft.num_negatives) == (4, 0, 0, 1)
     assert (align["rerank/sft+sdpo"].sft_max_steps, align["rerank/sft+sdpo"].max_steps) == (0, 3)
+    # the SFT policy's subset is its own; the preference pairs keep theirs
+    assert (sft.max_examples, align["rerank/sft+sdpo"].max_examples) == (500, 32)
     assert align["rerank/sft+sdpo"].loss_type == "sdpo" and align["knowledge/dpo"].sft_max_steps == 0
     # DPO is best vs worst (K=1); the K-negative losses keep the path's K.
     assert align["rerank/sft+dpo"].num_negatives == align["knowledge/dpo"].num_negatives == 1

@@ -14,10 +14,13 @@ def test_the_pairs_are_alignment_against_its_start_and_k_negatives_against_dpo()
     assert comparison_pairs(NAMES) == [
         ("ka-sasrec + dpo knowledge", "ka-sasrec + base knowledge"),
         ("ka-sasrec + sdpo knowledge", "ka-sasrec + base knowledge"),
-        ("llm sft", "llm zero-shot"), ("llm sft+dpo", "llm sft"), ("llm sft+dmpo", "llm sft"),
-        ("llm sft+sdpo", "llm sft"), ("llm sft+dmpo", "llm sft+dpo"), ("llm sft+sdpo", "llm sft+dpo"),
+        ("llm sft", "llm zero-shot"), ("llm sft+dpo", "llm sft"), ("llm sft+dpo", "llm zero-shot"),
+        ("llm sft+dmpo", "llm sft"), ("llm sft+dmpo", "llm zero-shot"), ("llm sft+sdpo", "llm sft"),
+        ("llm sft+sdpo", "llm zero-shot"), ("llm sft+dmpo", "llm sft+dpo"), ("llm sft+sdpo", "llm sft+dpo"),
         ("ka-sasrec + sdpo knowledge", "ka-sasrec + dpo knowledge")]
     assert comparison_pairs(["sasrec", "llm sft+sdpo"]) == [], "a pair needs both systems"
+    assert comparison_pairs(["sasrec", "llm zero-shot", "llm sft", "fusion"]) == [
+        ("llm sft", "llm zero-shot"), ("fusion", "llm zero-shot"), ("fusion", "llm sft")]
 
 
 def test_compare_systems_pairs_the_rows_both_were_scored_on():

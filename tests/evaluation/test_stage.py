@@ -137,3 +137,42 @@ def test_llm_results_are_keyed_on_the_model_and_the_encoder(tmp_path, tiny_llama
     for name in ("llm zero-shot", "llm sft", "ka-sasrec + base knowledge", "ka-sasrec + dpo knowledge"):
         assert other_model[name] != retrained_encoder[name], f"{name}: the model changed"
     assert other_model[NO_KNOWLEDGE] == retrained_encoder[NO_KNOWLEDGE], "KA-SASRec alone reads no LLM"
+
+
+def test_fusion_and_validation_pick_the_informed_re_ranker(tmp_path, monkeypatch):
+    """With a re-ranker that sees the target and one that guesses, validation picks the first, fusion gets a
+    weight above 0 from validation users only, and fusion is a system of the test table with its CI."""
+    from recalign.evaluation import stage
+    from recalign.evaluation.stage import FUSION, Policy
+
+    run = tiny_run(tmp_path)
+    _fake_sasrec(run)
+    calls = []
+
+    def fake_llm_system(data, cfg, prompt, split, sub, model_path, policy, split_name=""):
+        calls.append((policy.name, split_name or cfg.eval.split, len(sub)))
+        rng = np.random.default_rng(len(calls))
+        scores = rng.normal(size=(len(sub), split.candidates.shape[1]))
+        if policy.name == "llm sft":
+            scores[np.arange(len(sub)), split.target_index[sub]] += 2.0
+        return {**stage._metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics),
+                "scores": scores.tolist()}
+
+    monkeypatch.setattr(stage, "_llm_system", fake_llm_system)
+    cfg = FinalEvalConfig(eval=EvalConfig(num_resamples=50), llm_users=0, valid_users=16)
+    policies = [Policy("llm zero-shot", None), Policy("llm sft", "/adapters/sft", "sft-key")]
+    evaluate_run(run, cfg, "", policies, [], log=lambda _: None)
+    validation = io.read_json(run.dir("eval", "validation.json"))
+    assert validation["rows"] == 16 and validation["fusion"]["reranker"] == "llm sft"
+    assert validation["fusion"]["weight"] > 0 and set(validation["systems"]) == {"sasrec", "llm zero-shot",
+                                                                                "llm sft", FUSION}
+    assert sorted(c[1] for c in calls) == ["test", "test", "valid", "valid"]
+    summary = io.read_json(run.dir("eval", "metrics.json"))
+    entry = summary["systems"][FUSION]
+    assert entry["num_rows"] == summary["systems"]["sasrec"]["num_rows"] and "vs_reference" in entry["ndcg@10"]
+    assert "llm sft, chosen on 16 validation users" in entry["note"]
+    assert {(c["system"], c["baseline"]) for c in summary["comparisons"]} >= {(FUSION, "llm sft"),
+                                                                              ("llm sft", "llm zero-shot")}
+    # a second evaluation reads every re-ranker from its cache, the validation ones too
+    evaluate_run(run, cfg, "", policies, [], log=lambda _: None)
+    assert len(calls) == 4

@@ -70,7 +70,10 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     result = json.loads((run / "eval" / "metrics.json").read_text())
     systems = result["systems"]
     assert {"random", "popularity", "sasrec", "ka-sasrec (no knowledge)", "ka-sasrec + base knowledge",
-            "ka-sasrec + sdpo knowledge", "llm zero-shot", "llm sft", "llm sft+sdpo"} == set(systems)
+            "ka-sasrec + sdpo knowledge", "llm zero-shot", "llm sft", "llm sft+sdpo", "fusion"} == set(systems)
+    validation = json.loads((run / "eval" / "validation.json").read_text())
+    assert validation["rows"] == 8 and validation["fusion"]["reranker"] in systems
+    assert systems["fusion"]["num_rows"] == systems["llm sft"]["num_rows"]
     assert systems["sasrec"]["num_rows"] == 943 and systems["llm sft+sdpo"]["num_rows"] == 8
     assert "vs_reference" in systems["llm sft"]["ndcg@10"]
     assert set(systems["llm zero-shot"]["free_generation"]) == {"valid_ratio", "hr@1_all_rows", "hr@1_valid_rows"}

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from recalign.data.dataset import Dataset
-from recalign.pairs.build import (PAIRS_SCHEMA, PairsConfig, knowledge_pairs, negative_positions, rerank_pairs,
-                                  validate_pairs)
-from recalign.prompts import LETTERS
+from recalign.pairs.build import (PAIRS_SCHEMA, PairsConfig, WindowsConfig, knowledge_pairs, negative_positions,
+                                  rerank_pairs, validate_pairs, window_pairs)
+from recalign.prompts import LETTERS, describe_item
 
 
 def _samples_and_rewards(rows):
@@ -143,3 +143,54 @@ def test_validate_pairs_checks_the_margin_and_that_a_row_has_a_rejected():
                      schema=PAIRS_SCHEMA)
     with pytest.raises(ValueError, match="no rejected completion"):
         validate_pairs(empty)
+
+
+def _options(prompt: str) -> dict[str, str]:
+    """The lettered candidate lines of a re-rank prompt: {letter: description}."""
+    return {line[0]: line[3:] for line in prompt.splitlines() if len(line) > 3 and line[0] in LETTERS
+            and line[1:3] == ". "}
+
+
+def test_window_pairs_every_prefix_fresh_negatives_shuffled_letters(tiny_data, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    cfg = PairsConfig(windows=WindowsConfig(per_user=-1, min_history=2, seed=3))
+    table, counts = window_pairs(tiny_data, tokenizer, cfg)
+    validate_pairs(table)
+    users = {u["user_idx"]: u["train_items"] for u in tiny_data.tables["users"].to_pylist()}
+    assert counts["kept"] == table.num_rows == sum(len(seq) - 2 for seq in users.values())
+    titles = {describe_item(tiny_data.items, i, False): i for i in range(1, tiny_data.num_items + 1)}
+    seen_targets: dict[int, list[int]] = {}
+    letters = []
+    for row in table.to_pylist():
+        options = _options(row["prompt"])
+        assert len(options) == 20 and sorted(row["rejected"] + [row["chosen"]]) == sorted(options)
+        candidates = [titles[options[letter]] for letter in LETTERS[:20]]
+        target = candidates[LETTERS.index(row["chosen"])]
+        seq = users[row["user_idx"]]
+        # every other candidate is an item this user never watched in the train sequence
+        assert target in seq and not set(candidates) - {target} & set(seq)
+        seen_targets.setdefault(row["user_idx"], []).append(seq.index(target))
+        letters.append(row["chosen"])
+    # the most recent prefix first, down to min_history items of history; the last is the train example's target
+    for user, positions in seen_targets.items():
+        assert positions == list(range(len(users[user]) - 1, 1, -1))
+    assert len(set(letters)) > 8, "the target's letter moves from window to window"
+    again, _ = window_pairs(tiny_data, tokenizer, cfg)
+    assert again.equals(table)
+
+
+def test_window_pairs_per_user_and_subset(tiny_data, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    two, _ = window_pairs(tiny_data, tokenizer, PairsConfig(windows=WindowsConfig(per_user=2)))
+    assert two.num_rows == 2 * tiny_data.num_users
+    assert np.bincount(two["user_idx"].to_numpy()).max() == 2
+    sub, counts = window_pairs(tiny_data, tokenizer, PairsConfig(windows=WindowsConfig(per_user=-1, max_examples=7)))
+    assert sub.num_rows == counts["kept"] == 7
+    with pytest.raises(ValueError, match="per_user is 0"):
+        window_pairs(tiny_data, tokenizer, PairsConfig())
+    with pytest.raises(ValueError, match="per_user must be"):
+        WindowsConfig(per_user=-2)

@@ -10,6 +10,9 @@ from recalign.align.losses import LOSS_TYPES
 from recalign.config import option
 from recalign.pairs.build import PATHS
 
+SFT_LOSSES = ("listwise", "nll")
+ALL_NEGATIVES = 1 << 20  # a pairs row's whole rejected list
+
 
 @dataclass
 class AlignConfig:
@@ -46,6 +49,11 @@ class AlignConfig:
     sft_num_train_epochs: int = option(0, "SFT warm-up epochs on the chosen completions before the preference phase")
     sft_max_steps: int = option(0, "> 0: SFT optimizer steps instead of sft_num_train_epochs")
     sft_learning_rate: float = option(1e-4, "AdamW learning rate of the SFT warm-up")
+    sft_max_examples: int = option(0, "the pipeline's SFT policy: > 0 trains on a seeded subset of this many SFT "
+                                      "examples, 0 on every one (max_examples then bounds the preference pairs)")
+    sft_loss: str = option("listwise", "SFT loss: listwise (softmax cross-entropy over each example's completions, "
+                                       "the chosen the label: for re-rank letters a softmax over the C candidates' "
+                                       "letter logits, LlamaRec) | nll (token-mean NLL of the chosen completion)")
     max_prompt_length: int = option(1536, "prompt tokens kept; a longer prompt keeps its end (the assistant header)")
     max_completion_length: int = option(256, "completion tokens kept; a longer completion keeps its start")
     prompt_sharing: str = option("packed", "the prompt encoded once for its 1 + K completions: packed (block mask) "
@@ -67,6 +75,8 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.sft_loss not in SFT_LOSSES:
+            raise ValueError(f"sft_loss must be one of {SFT_LOSSES}, got {self.sft_loss!r}")
         if self.prompt_sharing not in ("packed", "kv_cache", "none"):
             raise ValueError(f"prompt_sharing must be packed, kv_cache or none, got {self.prompt_sharing!r}")
         if self.loss_type == "dpo" and self.num_negatives != 1:
@@ -74,8 +84,9 @@ class AlignConfig:
                              "for K > 1 use dpo_pairwise_mean, dmpo or sdpo")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.max_examples < 0:
-            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
+        for name in ("max_examples", "sft_max_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("num_negatives", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
                      "lora_r"):
             if getattr(self, name) < 1:
@@ -84,6 +95,14 @@ class AlignConfig:
                 and self.sft_max_steps < 1):
             raise ValueError("set num_train_epochs >= 1 or max_steps >= 1 (both 0 with an SFT warm-up trains an "
                              "SFT-only policy)")
+
+
+    @property
+    def negatives_loaded(self) -> int:
+        """Rejected completions read per pairs row: every one for a listwise SFT phase (the softmax runs over all
+        of them; the preference phase then takes the first num_negatives), else num_negatives."""
+        listwise = self.sft_loss == "listwise" and (self.sft_num_train_epochs > 0 or self.sft_max_steps > 0)
+        return ALL_NEGATIVES if listwise else self.num_negatives
 
 
 def _rerank_default() -> AlignConfig:

@@ -2,8 +2,9 @@
 `AlignSpec`, what every worker is sent.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches per worker, gradients averaged by DDP. Steps
-0 .. sft_steps-1 are the optional SFT warm-up (token-mean NLL of the chosen completions), the rest
-the preference phase. The data order is a pure function of (seed, phase, epoch), so a restarted
+0 .. sft_steps-1 are the optional SFT warm-up (listwise: cross-entropy of a softmax over each example's
+completions with the chosen one the label; or the token-mean NLL of the chosen), the rest the preference
+phase. The data order is a pure function of (seed, phase, epoch), so a restarted
 worker group continues exactly where the last checkpoint left off.
 
 A checkpoint holds the adapter (PEFT format), the optimizer, the step, the precomputed reference
@@ -31,7 +32,7 @@ import torch
 from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
-from recalign.align.losses import preference_loss, reward_stats
+from recalign.align.losses import listwise_loss, preference_loss, reward_stats
 from recalign.distributed import check_in_sync
 from recalign.tracking import MlflowRun, worker_session
 
@@ -125,7 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model_path = local_model(spec.model_path)  # a model on shared storage: this node's cached copy
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed),
+    examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.negatives_loaded, cfg.max_examples, cfg.seed),
                             cfg)
     model = build_policy(model_path, cfg, device, spec.init_adapter)
     tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
@@ -167,7 +168,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state.step += 1
         state.history.append(record)
         if rank == 0 and (state.step % max(1, plan.total_steps // 10) == 0 or state.step == plan.total_steps):
-            accuracy = f", reward accuracy {record['reward_accuracy']:.2f}" if phase == PREFERENCE else ""
+            accuracy = (f", reward accuracy {record['reward_accuracy']:.2f}" if phase == PREFERENCE else
+                        f", top-1 {record['top1_accuracy']:.2f}" if "top1_accuracy" in record else "")
             # Ray Train's own logger reaches the driver once; a print from a Train worker arrives twice.
             logging.getLogger("ray.train").info(
                 f"[align] step {state.step}/{plan.total_steps} ({phase}): loss {record['loss']:.4f}{accuracy}, "
@@ -245,13 +247,19 @@ def autocast(cfg: AlignConfig, device):
 def _micro_batch(scorer, model, examples, rows, last: bool, num_micro: int, cfg: AlignConfig, pad_id: int, device,
                  phase: str, reference: torch.Tensor | None) -> dict[str, float]:
     """Forward and backward of one micro-batch (1/num_micro of the step's loss); returns its metric sums."""
-    batch = collate([examples[j] for j in rows], pad_id, 1 if phase == SFT else cfg.num_negatives + 1).to(device)
+    # SFT: the chosen alone (nll) or every completion the example has (listwise); preference: 1 + K.
+    width = (1 if cfg.sft_loss == "nll" else None) if phase == SFT else cfg.num_negatives + 1
+    batch = collate([examples[j] for j in rows], pad_id, width).to(device)
     sums = {"sequence_tokens": float(batch.sequence_tokens()), "examples": float(len(rows))}
     # Gradients are all-reduced once per optimizer step, on the last micro-batch.
     sync = contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
     with sync:
-        logps = scorer(**batch.tensors())  # (b, 1 + K), or (b, 1) in SFT
-        if phase == SFT:
+        logps = scorer(**batch.tensors())  # (b, 1 + K); in SFT (b, 1) or (b, every completion)
+        if phase == SFT and cfg.sft_loss == "listwise":
+            losses, top1 = listwise_loss(logps, batch.present())
+            loss = losses.mean()
+            sums.update(loss_sum=losses.sum().item(), top1_sum=top1.sum().item())
+        elif phase == SFT:
             loss = -logps[:, 0].sum() / batch.completion_mask[:, 0].sum()  # token-mean NLL of the chosen
             sums["loss_sum"] = loss.item() * len(rows)
         else:
@@ -353,6 +361,8 @@ def _global_record(sums: dict[str, float], seconds: float, phase: str, step: int
     n = max(total["examples"], 1.0)
     record = {"phase": phase, "step": step, "lr": lr, "loss": total["loss_sum"] / n,
               "step_seconds": total["seconds"], "tokens_per_s": total["sequence_tokens"] / total["seconds"]}
+    if "top1_sum" in total:
+        record["top1_accuracy"] = total["top1_sum"] / n
     if phase == PREFERENCE:
         record.update(reward_accuracy=total["accuracy_sum"] / n, reward_accuracy_all=total["accuracy_all_sum"] / n,
                       rewards_chosen=total["chosen_sum"] / n, rewards_rejected=total["rejected_sum"] / n,

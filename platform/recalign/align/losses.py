@@ -13,6 +13,8 @@ rejected y_l_1..y_l_K:
   Written with logsumexp + softplus, so reward gaps of 1e4 stay finite (the public code sums raw exp()).
 At K = 1 all of them are the same function. A row may hold fewer than K negatives (a mask says which):
 sums and means then run over its own. -log sigmoid(z) is computed as softplus(-z) throughout.
+The SFT warm-up's listwise loss (`listwise_loss`, LlamaRec) is the cross-entropy of a softmax over an
+example's completions, the chosen the label: for re-rank letters, over the C candidates' letter logits.
 """
 
 from __future__ import annotations
@@ -116,3 +118,14 @@ def _check_shapes(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
     if reference_rejected.shape != policy_rejected.shape:
         raise ValueError(f"reference_rejected_logps {tuple(reference_rejected.shape)} != policy_rejected_logps "
                          f"{tuple(policy_rejected.shape)}")
+
+
+def listwise_loss(logps: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a softmax over each row's completions, the chosen (column 0) the label, and whether the
+    chosen scored above every other (b,) each. logps (b, N) summed log-probs, present (b, N) bool. A re-rank
+    completion is one letter token, so log p(letter) = logit - logsumexp(vocabulary): the vocabulary term cancels
+    and this is the softmax over the candidates' letter logits at the answer position (LlamaRec)."""
+    scores = logps.float().masked_fill(~present, float("-inf"))
+    losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
+    top1 = (scores[:, 1:] < scores[:, :1]).all(dim=1)
+    return losses, top1

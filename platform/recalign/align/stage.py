@@ -1,6 +1,7 @@
 """The pipeline's alignment stage: which LoRA policies are trained, in which order, on which pairs.
 
-    rerank path:    sft            (SFT on the chosen answers, as S-DPO and DMPO do first)
+    rerank path:    sft            (SFT first, as S-DPO and DMPO do: listwise over the letters of the
+                                    sliding-window set pairs/rerank_sft.parquet when the run has one)
                     sft+<loss>     for each loss type, starting from the SFT adapter, which is also the reference
     knowledge path: <loss>         for each loss type, from the base model (RLRF4Rec aligns it directly)
 
@@ -21,6 +22,7 @@ from recalign.align.config import AlignConfig, PoliciesConfig
 from recalign.align.trainer import ADAPTER_FILES, train_policy
 from recalign.config import fingerprint
 from recalign.errors import MissingInputError
+from recalign.pairs.stage import sft_pairs
 from recalign.runs import Log, RunSpec, learning_key, run_stage, slug
 from recalign.tracking import MlflowTarget
 
@@ -37,10 +39,10 @@ def plan_policies(cfg: PoliciesConfig, sweep_best: AlignConfig | None = None) ->
             # The SFT policy reads only the chosen completions: fix the preference-only fields so that
             # changing beta, K or the loss never retrains it.
             sft = dataclasses.replace(align, num_train_epochs=0, max_steps=0, loss_type="dpo", beta=1.0,
-                                      num_negatives=1)
+                                      num_negatives=1, max_examples=align.sft_max_examples, sft_max_examples=0)
             plan.append((f"{path}/sft", sft, ""))
             init = f"{path}/sft"
-        preference = dataclasses.replace(align, sft_num_train_epochs=0, sft_max_steps=0)
+        preference = dataclasses.replace(align, sft_num_train_epochs=0, sft_max_steps=0, sft_max_examples=0)
         for loss_type in cfg.loss_types:
             label = f"sft+{loss_type}" if init else loss_type
             k = 1 if loss_type == "dpo" else preference.num_negatives  # DPO is best vs worst
@@ -62,7 +64,7 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
     summaries = {}
     for number, (label, align, init) in enumerate(plan, start=1):
         path = label.split("/")[0]
-        pairs = run.dir("pairs", f"{path}.parquet")
+        pairs = sft_pairs(run) if label == f"{path}/sft" else run.dir("pairs", f"{path}.parquet")
         if not io.exists(pairs):
             raise MissingInputError(f"{pairs}: missing; run the pairs stage first (or drop {path!r} from "
                                     "policies.paths)")

@@ -78,7 +78,7 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     if "://" not in model_path and not os.path.isfile(os.path.join(model_path, "config.json")):
         raise MissingInputError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
     # Fail here, not in every worker.
-    num_examples = len(load_pairs(pairs_uris, cfg.num_negatives, cfg.max_examples, cfg.seed))
+    num_examples = len(load_pairs(pairs_uris, cfg.negatives_loaded, cfg.max_examples, cfg.seed))
     if init_adapter:
         check_adapter(init_adapter, cfg)
     tb_dir = io.join(storage_path, name, "tensorboard") if "://" not in storage_path else ""

@@ -103,7 +103,7 @@ def _user_rows(name: str, uidx: int, group: pd.DataFrame, num_items: int, cfg: P
         pos = example_position(len(seq), split, cfg.knowledge_horizon)
         start = max(0, pos - cfg.history_len)
         rng = np.random.default_rng([cfg.seed, uidx, split_code])
-        candidates, target_index = _candidates(rng, int(seq[pos]), seen, num_items, cfg.num_candidates)
+        candidates, target_index = draw_candidates(rng, int(seq[pos]), seen, num_items, cfg.num_candidates)
         examples.append((uidx, user_id, split, seq[start:pos], ratings[start:pos], int(seq[pos]), candidates,
                          target_index, pos))
     return (uidx, user_id, seq[:-2], ratings[:-2], len(seq)), examples
@@ -131,8 +131,9 @@ def _interactions_table(inter: pd.DataFrame) -> pa.Table:
     })
 
 
-def _candidates(rng: np.random.Generator, target: int, seen: set[int], num_items: int,
-                num_candidates: int) -> tuple[np.ndarray, int]:
+def draw_candidates(rng: np.random.Generator, target: int, seen: set[int], num_items: int,
+                    num_candidates: int) -> tuple[np.ndarray, int]:
+    """The target and C-1 distinct items outside `seen`, shuffled; returns (candidates, the target's column)."""
     negatives: list[int] = []
     chosen: set[int] = set()
     while len(negatives) < num_candidates - 1:

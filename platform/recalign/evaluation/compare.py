@@ -1,7 +1,8 @@
 """The comparisons the methods are about, with paired bootstrap CIs on the users both systems were scored on:
 
 - each aligned knowledge policy against the base model's knowledge (does alignment help KA-SASRec?);
-- SFT against zero-shot, and each SFT+<loss> against SFT (does preference training help the re-ranker?);
+- SFT against zero-shot, and each SFT+<loss> against SFT and against zero-shot (does training help the
+  re-ranker?); fusion against each re-ranker (does SASRec's score help the LLM?);
 - DMPO and S-DPO against DPO, on both paths (do K negatives help over best vs worst?).
 """
 
@@ -26,6 +27,10 @@ def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
             pairs.append((name, "llm zero-shot"))
         if name.startswith("llm sft+"):
             pairs.append((name, "llm sft"))
+        if name.startswith("llm ") and name != "llm zero-shot" and name != "llm sft":
+            pairs.append((name, "llm zero-shot"))
+    if "fusion" in present:
+        pairs += [("fusion", n) for n in names if n.startswith("llm ")]
     for loss in ("dmpo", "sdpo"):
         pairs += [(f"llm sft+{loss}", "llm sft+dpo"), (f"ka-sasrec + {loss} knowledge", "ka-sasrec + dpo knowledge")]
     return [(a, b) for a, b in pairs if a in present and b in present]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recalign.config import option
+from recalign.evaluation.fusion import FusionConfig
 from recalign.evaluation.knowledge import KnowledgeGenConfig
 from recalign.rerank.scorer import RerankConfig
 from recalign.systems import EvalConfig
@@ -15,6 +16,10 @@ from recalign.systems import EvalConfig
 class FinalEvalConfig:
     eval: EvalConfig = option(factory=EvalConfig, help="split, metrics, bootstrap, reference system")
     llm_users: int = option(200, "test users the LLM-based systems are scored on (seeded subset); 0 = all")
-    subset_seed: int = option(0, "seeds that subset")
+    valid_users: int = option(64, "validation users every LLM re-ranker is also scored on (seeded subset; 0 = all): "
+                                  "they choose fusion's weight and its re-ranker, and their metrics "
+                                  "(eval/validation.json) pick the endpoint's default system; -1 = none, no fusion")
+    subset_seed: int = option(0, "seeds both subsets")
+    fusion: FusionConfig = option(factory=FusionConfig, help="SASRec + w * the best re-ranker's letter logits")
     rerank: RerankConfig = option(factory=RerankConfig, help="direct LLM re-ranker prompts and scoring")
     knowledge: KnowledgeGenConfig = option(factory=KnowledgeGenConfig, help="analyses for KA-SASRec")

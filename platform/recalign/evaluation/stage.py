@@ -5,7 +5,10 @@ Systems:
 - KA-SASRec fed no knowledge (every test user), and fed each LLM's greedy preference analysis of the
   user's test history: the base LLM (unaligned) and the knowledge-path policies (DPO, DMPO, S-DPO);
 - the direct LLM re-ranker (letter logits): zero-shot, after SFT, after SFT + DPO / DMPO / S-DPO,
-  with free-generation ValidRatio and HR@1 over all rows and over valid rows.
+  with free-generation ValidRatio and HR@1 over all rows and over valid rows;
+- fusion: SASRec + w * the letter logits of the re-ranker with the best validation NDCG@10, w chosen on
+  `valid_users` validation users (recalign.evaluation.fusion). Those users' metrics of SASRec, every
+  re-ranker and fusion go to eval/validation.json, where the endpoint finds its default system.
 LLM-based systems run on a seeded subset of test users when `llm_users` > 0 (the table says so); the
 CI against SASRec then uses the rows both share. Each system's per-row metrics are cached under
 eval/systems/ by fingerprint, so an interrupted evaluation resumes with the systems it lacks.
@@ -24,6 +27,7 @@ from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.compare import compare_systems
 from recalign.evaluation.config import FinalEvalConfig
+from recalign.evaluation.fusion import choose_weight, fuse
 from recalign.llm.policy import load_policy, model_fingerprint
 from recalign.pairs.stage import rerank_prompt
 from recalign.prompts import PromptConfig
@@ -35,6 +39,9 @@ from recalign.systems import baseline_systems, summarise
 
 LOSS_ORDER = ("sft", "dpo", "dmpo", "sdpo")
 NO_KNOWLEDGE = "ka-sasrec (no knowledge)"
+FUSION = "fusion"
+# Bumped when what an LLM system's cache entry holds changes (2: the per-row letter logits, which fusion reads).
+LLM_CACHE_FORMAT = 2
 
 
 @dataclass
@@ -141,8 +148,9 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
         results[name] = _cached(run, name, base_key, lambda s=scores: _metric_rows(s, split.target_index, all_rows,
                                                                                    names), log)
     sasrec_key = fingerprint([base_key, fingerprint_of(run.dir("baselines", "sasrec"))])
+    sasrec_test = sasrec_scores(run, split)
     results["sasrec"] = _cached(run, "sasrec", sasrec_key, lambda: _metric_rows(
-        sasrec_scores(run, split), split.target_index, all_rows, names), log)
+        sasrec_test, split.target_index, all_rows, names), log)
 
     if has_ka:
         results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies,
@@ -151,10 +159,20 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     for policy in llm_policies:
         results[policy.name] = _cached(run, policy.name, keys[policy.name], lambda p=policy: _llm_system(
             data, cfg, prompt, split, sub, model_path, p), log)
+    fusion_note = ""
+    if llm_policies and cfg.valid_users >= 0:
+        validation = validate_rerankers(run, cfg, data, model_path, llm_policies, keys, prompt, sampled, log)
+        partner, weight = validation["fusion"]["reranker"], validation["fusion"]["weight"]
+        llm_test = np.asarray(results[partner]["scores"])
+        results[FUSION] = _metric_rows(fuse(sasrec_test[sub], llm_test, weight), split.target_index[sub], sub, names)
+        fusion_note = f"sasrec + {weight:g} x {partner}, chosen on {validation['rows']} validation users"
+        log(f"[evaluate] {FUSION}: {fusion_note}")
 
     per_example = {n: {m: np.asarray(v) for m, v in r["metrics"].items()} for n, r in results.items()}
     rows = {n: np.asarray(r["rows"]) for n, r in results.items()}
     notes = {n: f"{len(rows[n])} of {len(split)} users, none sampled" for n in results if len(rows[n]) < len(split)}
+    if fusion_note:
+        notes[FUSION] = "; ".join(filter(None, [fusion_note, notes.get(FUSION, "")]))
     summary = summarise(per_example, cfg.eval, rows, notes)
     for n, r in results.items():
         if "free_generation" in r:
@@ -180,7 +198,7 @@ def llm_system_keys(run: RunSpec, cfg: FinalEvalConfig, model_path: str, sub: np
     if llm_policies:
         prompt = to_dict(rerank_prompt(run))
         for policy in llm_policies:
-            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), prompt])
+            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), prompt, LLM_CACHE_FORMAT])
     if knowledge_policies is not None:
         ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])
         keys[NO_KNOWLEDGE] = ka_key
@@ -227,14 +245,53 @@ def _knowledge_systems(run, cfg, data, split, sub, model_path, policies, engine,
     return out
 
 
+def validate_rerankers(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, model_path: str, llm_policies: list[Policy],
+                       keys: dict[str, str], prompt: PromptConfig, sampled: set[int], log: Log = print) -> dict:
+    """Every LLM re-ranker and SASRec on `cfg.valid_users` validation users (re-rankers cached by key), the best
+    re-ranker by `cfg.fusion.metric` and fusion's weight for it; written to eval/validation.json and returned.
+    Fusion's own validation metric is that of its chosen weight, so it is optimistic by construction."""
+    from recalign.recsys.stage import sasrec_scores
+
+    metric = cfg.fusion.metric
+    valid = data.split("valid")
+    vsub = llm_rows(data, "valid", cfg.valid_users, cfg.subset_seed, sampled)
+    vkey = fingerprint(["valid", vsub.tolist()])
+    sasrec = sasrec_scores(run, valid)[vsub]
+    target = valid.target_index[vsub]
+    systems = {"sasrec": _means(sasrec, target, cfg.eval.metrics)}
+    llm_scores = {}
+    for policy in llm_policies:
+        result = _cached(run, f"valid {policy.name}", fingerprint([keys[policy.name], vkey]), lambda p=policy: (
+            _llm_system(data, cfg, prompt, valid, vsub, model_path, p, split_name="valid")), log)
+        llm_scores[policy.name] = np.asarray(result["scores"])
+        systems[policy.name] = {m: float(np.mean(v)) for m, v in result["metrics"].items()}
+    best = max(llm_scores, key=lambda n: (systems[n][metric], -list(llm_scores).index(n)))
+    weight, grid = choose_weight(sasrec, llm_scores[best], target, cfg.fusion)
+    systems[FUSION] = _means(fuse(sasrec, llm_scores[best], weight), target, cfg.eval.metrics)
+    order = ["sasrec", *llm_scores, FUSION]  # ties go to the simpler system
+    validation = {"split": "valid", "rows": int(len(vsub)), "metric": metric, "systems": systems,
+                  "best": max(order, key=lambda n: (systems[n][metric], -order.index(n))),
+                  "fusion": {"reranker": best, "weight": weight, "grid": {f"{w:g}": v for w, v in grid.items()}},
+                  "note": "fusion's weight was chosen on these users: its validation metric is optimistic"}
+    io.write_json(validation, run.dir("eval", "validation.json"))
+    return validation
+
+
+def _means(scores: np.ndarray, target: np.ndarray, names) -> dict[str, float]:
+    return {m: float(v.mean()) for m, v in metrics.compute(scores, target, names).items()}
+
+
 def _llm_system(data: Dataset, cfg: FinalEvalConfig, prompt: PromptConfig, split, sub: np.ndarray, model_path: str,
-                policy: Policy) -> dict:
+                policy: Policy, split_name: str = "") -> dict:
+    """The re-ranker's metrics on rows `sub` of `split` (named `split_name`, default the evaluated split), its
+    free-generation metrics and its letter logits per row (fusion reads them)."""
     loader = functools.partial(load_policy, model_path, policy.adapter, cfg.rerank.dtype)
     _, tokenizer = load_policy(model_path) if policy.adapter else loader()
-    texts = build_prompts(data, cfg.eval.split, sub, tokenizer, prompt)
+    texts = build_prompts(data, split_name or cfg.eval.split, sub, tokenizer, prompt)
     logits, answers = score_rows_with_ray(dict(zip(sub.tolist(), texts)), loader, split.candidates.shape[1], cfg.rerank)
     scores = np.stack([logits[r] for r in sub.tolist()])
     result = _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)
+    result["scores"] = scores.tolist()
     result["free_generation"] = free_generation_metrics([answers[r] for r in sub.tolist()], split.target_index[sub],
                                                         split.candidates.shape[1])
     return result

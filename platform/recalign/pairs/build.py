@@ -11,8 +11,12 @@
   re-ranker scores a candidate by its letter's logit at the answer position: training on
   "C. Title (1995)" would let the losses move P(title | letter) without moving a letter logit.
   Rewards are unknown there (null).
+- rerank SFT set (`window_pairs`, LlamaRec): every user's sliding-window prefixes of the train sequence,
+  each target with C-1 fresh negatives the user never watched in it, the letters shuffled per example;
+  chosen = the target's letter, rejected = the other C-1 letters, so the listwise SFT loss (a softmax
+  over the C letters) sees every candidate.
 
-Only `train` examples are used, so a validation or test item never becomes a pair.
+Only `train` examples and train sequences are used, so a validation or test item never becomes a pair.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pyarrow as pa
 from recalign.config import option
 from recalign.data.dataset import Dataset
 from recalign.data.loaders import DataError
+from recalign.data.protocol import draw_candidates
 from recalign.prompts import PromptConfig, render, rerank_answer, rerank_messages
 
 PATHS = ("knowledge", "rerank")
@@ -36,6 +41,25 @@ PAIRS_SCHEMA = pa.schema([
     ("rejected", pa.list_(pa.string())), ("chosen_reward", pa.float64()),
     ("rejected_rewards", pa.list_(pa.float64())),
 ])
+
+
+@dataclass
+class WindowsConfig:
+    """The re-rank SFT set: sliding-window prefixes of the train sequences (LlamaRec), pairs/rerank_sft.parquet."""
+
+    per_user: int = option(0, "windows per user, the most recent first (-1 = every prefix; 0 = no SFT set: the "
+                              "SFT policy trains on the train examples of pairs/rerank.parquet)")
+    min_history: int = option(3, "a window's target has at least this many train items before it")
+    max_examples: int = option(0, "> 0: a seeded random subset of this many windows over all users")
+    seed: int = option(0, "negatives and letter order of every window, the subset")
+
+    def __post_init__(self) -> None:
+        if self.per_user < -1:
+            raise ValueError(f"per_user must be -1 (every prefix), 0 (off) or > 0, got {self.per_user}")
+        if self.min_history < 1:
+            raise ValueError(f"min_history must be >= 1, got {self.min_history}")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
 
 
 @dataclass
@@ -51,6 +75,7 @@ class PairsConfig:
     prompt: PromptConfig = option(factory=lambda: PromptConfig(max_history=10, show_genres=False),
                                   help="the re-rank prompt (history shown, ratings, genres): the re-rank policies "
                                        "train on it; evaluation, the sweep and Serve read it from the run")
+    windows: WindowsConfig = option(factory=WindowsConfig, help="the re-rank SFT set (sliding windows)")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.paths) - set(PATHS))
@@ -127,6 +152,41 @@ def rerank_pairs(data: Dataset, tokenizer, cfg: PairsConfig, sasrec_scores: np.n
                      [rerank_answer(int(p)) for p in positions[row]], None, None))
     return _table(rows), {"users": len(split), "kept": len(rows), "skipped_no_target": skipped,
                           "negatives": cfg.negatives}
+
+
+def window_pairs(data: Dataset, tokenizer, cfg: PairsConfig) -> tuple[pa.Table, dict]:
+    """The re-rank SFT set: per user, up to `cfg.windows.per_user` prefixes of the train sequence, the most
+    recent first (the last is the train example's target). Each prefix predicts its next item among it and
+    C-1 items drawn from those the user never watched in the train sequence, shuffled by a generator seeded
+    by (seed, user, position); the history is the H items before it, as in the protocol's examples."""
+    win = cfg.windows
+    if win.per_user == 0:
+        raise ValueError("windows.per_user is 0: no SFT set to build")
+    num_candidates = data.split(PAIRS_SPLIT).candidates.shape[1]
+    history_len = min(data.history_len, cfg.prompt.max_history)
+    users = data.tables["users"].select(["user_idx", "train_items", "train_ratings"]).to_pylist()
+    chosen_windows: list[tuple[int, int]] = []  # (user row, target position)
+    for u, user in enumerate(users):
+        positions = list(range(len(user["train_items"]) - 1, win.min_history - 1, -1))
+        chosen_windows += [(u, p) for p in (positions if win.per_user < 0 else positions[:win.per_user])]
+    if 0 < win.max_examples < len(chosen_windows):
+        keep = np.sort(np.random.default_rng(win.seed).choice(len(chosen_windows), win.max_examples, replace=False))
+        chosen_windows = [chosen_windows[i] for i in keep]
+    rows = []
+    for u, pos in chosen_windows:
+        user = users[u]
+        seq, ratings = user["train_items"], user["train_ratings"]
+        rng = np.random.default_rng([win.seed, int(user["user_idx"]), pos])
+        candidates, target = draw_candidates(rng, int(seq[pos]), set(seq), data.num_items, num_candidates)
+        start = max(0, pos - history_len)
+        messages = rerank_messages(data.items, seq[start:pos], ratings[start:pos], candidates, cfg.prompt)
+        rows.append((int(user["user_idx"]), "rerank", render(tokenizer, messages), rerank_answer(target),
+                     [rerank_answer(c) for c in range(num_candidates) if c != target], None, None))
+    if not rows:
+        raise DataError(f"windows: no user has a train item after {win.min_history} others; lower "
+                        "pairs.windows.min_history")
+    return _table(rows), {"users": len(users), "kept": len(rows), "per_user": win.per_user,
+                          "candidates": num_candidates}
 
 
 def negative_positions(target_index: np.ndarray, scores: np.ndarray | None, k: int, seed: int,

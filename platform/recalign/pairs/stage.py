@@ -2,6 +2,8 @@
 
     samples/ + rewards/ + data/ -> pairs/knowledge.parquet   (best analysis vs the K worst)
     data/ + baselines/sasrec/   -> pairs/rerank.parquet      (the target's letter vs K negatives)
+    data/                       -> pairs/rerank_sft.parquet  (sliding windows: the target's letter vs the C-1
+                                                              others; when pairs.windows.per_user != 0)
                                    pairs/summary.json        (counts per path)
                                    pairs/config.json         (the config: the run's re-rank prompt)
 """
@@ -14,7 +16,8 @@ import pyarrow as pa
 from recalign import io
 from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
-from recalign.pairs.build import PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs
+from recalign.pairs.build import (PAIRS_SPLIT, PATHS, PairsConfig, knowledge_pairs, rerank_pairs, validate_pairs,
+                                  window_pairs)
 from recalign.prompts import PromptConfig
 from recalign.runs import Log, RunSpec, input_key, run_stage
 from recalign.sampling.stage import load_samples
@@ -46,11 +49,39 @@ def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = 
                 + (f"({counts['dropped_margin']} users dropped: no analysis {cfg.margin:g} below their best; "
                    f"{counts['rows_with_fewer_than_k']} rows with fewer than K)" if path == "knowledge"
                    else f"({cfg.negatives} negatives)"))
+        sft_set = io.join(out_dir, SFT_SET)
+        if "rerank" in cfg.paths and cfg.windows.per_user != 0:
+            table, counts = window_pairs(Dataset(run.dir("data")), _tokenizer(model_path), cfg)
+            validate_pairs(table, f"pairs/{SFT_SET}")
+            io.write_parquet(table, sft_set)
+            summary["rerank_sft"] = counts
+            log(f"[pairs] rerank SFT set: {counts['kept']} windows of {counts['users']} users, "
+                f"{counts['candidates']} candidates each")
+        else:
+            io.delete(sft_set)
         io.write_json(summary, io.join(out_dir, "summary.json"))
         io.write_json({**to_dict(cfg), "model_path": model_path}, io.join(out_dir, "config.json"))
         return summary
 
     return run_stage("pairs", out_dir, key, build, log, force)
+
+
+SFT_SET = "rerank_sft.parquet"
+
+
+def sft_pairs(run: RunSpec) -> str:
+    """The pairs the re-rank SFT policy trains on: the sliding-window set when the run has one, else the
+    train examples' re-rank pairs."""
+    uri = run.dir("pairs", SFT_SET)
+    return uri if io.exists(uri) else run.dir("pairs", "rerank.parquet")
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    from recalign.llm.store import local_model
+
+    return AutoTokenizer.from_pretrained(local_model(model_path))
 
 
 def rerank_prompt(run: RunSpec) -> PromptConfig:
@@ -67,9 +98,6 @@ def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> t
     if path == "knowledge":
         rewards = io.read_parquet(run.dir("rewards", "rewards.parquet"))
         return knowledge_pairs(load_samples(run.dir("samples"), PAIRS_SPLIT), rewards, cfg)
-    from transformers import AutoTokenizer
-
-    from recalign.llm.store import local_model
     from recalign.recsys.train import load_model, score_split
 
     data = Dataset(run.dir("data"))
@@ -77,5 +105,4 @@ def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> t
     if cfg.negatives == "hard":
         split = data.split(PAIRS_SPLIT)
         scores = score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
-    tokenizer = AutoTokenizer.from_pretrained(local_model(model_path))
-    return rerank_pairs(data, tokenizer, cfg, np.asarray(scores) if scores is not None else None)
+    return rerank_pairs(data, _tokenizer(model_path), cfg, np.asarray(scores) if scores is not None else None)
