@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recalign.config import option
-from recalign.evaluation.fusion import FusionConfig
 from recalign.evaluation.knowledge import KnowledgeGenConfig
+from recalign.rerank.fusion import FusionConfig
 from recalign.rerank.scorer import RerankConfig
 from recalign.systems import EvalConfig
 

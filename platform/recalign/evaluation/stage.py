@@ -7,7 +7,7 @@ Systems:
 - the direct LLM re-ranker (letter logits): zero-shot, after SFT, after SFT + DPO / DMPO / S-DPO,
   with free-generation ValidRatio and HR@1 over all rows and over valid rows;
 - fusion: SASRec + w * the letter logits of the re-ranker with the best validation NDCG@10, w chosen on
-  `valid_users` validation users (recalign.evaluation.fusion). Those users' metrics of SASRec, every
+  `valid_users` validation users (recalign.rerank.fusion). Those users' metrics of SASRec, every
   re-ranker and fusion go to eval/validation.json, where the endpoint finds its default system.
 LLM-based systems run on a seeded subset of test users when `llm_users` > 0 (the table says so); the
 CI against SASRec then uses the rows both share. Each system's per-row metrics are cached under
@@ -27,10 +27,10 @@ from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.compare import compare_systems
 from recalign.evaluation.config import FinalEvalConfig
-from recalign.evaluation.fusion import choose_weight, fuse
 from recalign.llm.policy import load_policy, model_fingerprint
 from recalign.pairs.stage import rerank_prompt
 from recalign.prompts import PromptConfig
+from recalign.rerank.fusion import choose_weight, fuse
 from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
 from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
 from recalign.sampling.engines import EngineConfig

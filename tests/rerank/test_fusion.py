@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from recalign.evaluation.fusion import FusionConfig, choose_weight, fuse, standardise
+from recalign.rerank.fusion import FusionConfig, choose_weight, fuse, standardise
 
 
 def test_standardise_rows_and_constant_rows():
