@@ -38,5 +38,10 @@ def test_prepare_writes_atomically_and_skips(tmp_path, monkeypatch):
     assert prepare(cfg, data_dir)["fingerprint"] == meta["fingerprint"]
     assert os.path.getmtime(os.path.join(data_dir, "examples.parquet")) == stamp, "unchanged config must skip"
     assert pq.read_table(os.path.join(data_dir, "items.parquet")).num_rows == 40
+    # a new config whose source cannot be read fails and leaves the dataset as it was
+    broken = DataConfig(source="table", interactions=str(tmp_path / "missing.csv"), items=str(items_path))
+    with pytest.raises(Exception, match="missing.csv"):
+        prepare(broken, data_dir)
+    assert Dataset(data_dir).meta["fingerprint"] == meta["fingerprint"]
     split = Dataset(data_dir).split("test")
     assert split.history.shape == (5, 20) and (split.history[:, 0] == 0).all()  # left padded

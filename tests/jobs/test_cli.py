@@ -106,11 +106,11 @@ def test_bad_values_and_arguments_are_one_line(capsys):
     assert "print_config: expected true/false" in error_line(capsys, "prepare", ["print_config=maybe"])
 
 
-def test_verbose_shows_the_traceback():
+def test_verbose_shows_the_traceback(tmp_path):
     import prepare
 
     with pytest.raises(DataError, match="file not found"):
-        launch.run(prepare.main, ["data.source=table", "data.interactions=/nonexistent/i.csv",
+        launch.run(prepare.main, [f"run.root={tmp_path}", "data.source=table", "data.interactions=/nonexistent/i.csv",
                                   "data.items=/nonexistent/t.csv", "verbose=true"])
 
 

@@ -54,9 +54,10 @@ def prepare(cfg: DataConfig, data_dir: str) -> dict:
         meta = io.read_json(meta_uri)
         if meta.get("fingerprint") == key:
             return meta
-        io.delete(meta_uri)  # config changed: invalidate before rewriting the tables
+    # Read and check the new source before touching the old dataset: a bad source leaves it as it was.
     raw = load_raw(cfg)
     tables, stats = build_tables(raw, cfg.protocol)
+    io.delete(meta_uri)  # config changed: invalidate before rewriting the tables
     for name in TABLES:
         io.write_parquet(tables[name], io.join(data_dir, f"{name}.parquet"))
     meta = {"name": cfg.name or raw.name, "fingerprint": key, "config": to_dict(cfg), **stats}
