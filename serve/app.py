@@ -1,11 +1,16 @@
-"""Ray Serve app: the aligned LLM re-ranker behind a typed HTTP API (FastAPI; OpenAPI at /docs).
+"""Ray Serve app: the run's re-rankers behind a typed HTTP API (FastAPI; OpenAPI at /docs).
 
-    serve run serve.app:app_builder run_dir=runs/demo adapter=policy/rerank/sft+sdpo auth=none
-    RECALIGN_API_KEYS=k1,k2 python serve/app.py run_dir=runs/demo adapter=policy/rerank/sft+sdpo   # 127.0.0.1:8000
+    serve run serve.app:app_builder run_dir=runs/demo auth=none
+    RECALIGN_API_KEYS=k1,k2 python serve/app.py run_dir=runs/demo system=llm:sft+sdpo   # 127.0.0.1:8000
 
-    POST /v1/rerank   {"history": [...] | "user_id": "...", "ratings"?, "candidates": [...], "top_n"?, "explain"?}
-    GET  /v1/systems  what this deployment serves
+    POST /v1/rerank   {"history": [...] | "user_id": "...", "ratings"?, "candidates": [...], "top_n"?, "explain"?,
+                       "system"?}
+    GET  /v1/systems  what this deployment serves, with each system's validation metrics
     GET  /healthz     liveness (no key needed)
+
+Systems: llm:base, llm:<label> for every finished re-rank policy of the run (and any `adapters`), sasrec when
+the run has its SASRec, fusion when its evaluation chose a fusion weight (eval/validation.json). The default is
+`system`, else `adapter`'s, else the best by the run's validation NDCG@10, else llm:base.
 
 Every bad request is a 4xx JSON error naming the field (recalign.rerank.api); keys are checked as
 `Authorization: Bearer <key>`. Concurrent requests share one forward pass (@serve.batch, sized to the
@@ -74,9 +79,10 @@ class Reranker:
     """One replica: the default system resident, the others' adapters loaded on demand into an LRU of
     `max_adapters` (@serve.multiplexed), each a base model with its LoRA merged."""
 
-    def __init__(self, data_dir: str, model_path: str, systems: dict[str, str | None], default: str, cfg: dict,
-                 prompt: dict, key_digests: list[bytes] | None, limits: dict, max_adapters: int):
+    def __init__(self, data_dir: str, model_path: str, systems: dict[str, dict], default: str, cfg: dict,
+                 prompt: dict, key_digests: list[bytes] | None, limits: dict, max_adapters: int, sasrec_dir: str = ""):
         self.model_path, self.rerank_cfg, self.prompt_cfg = model_path, RerankConfig(**cfg), PromptConfig(**prompt)
+        self.sasrec_dir, self._sasrec = sasrec_dir, None
         self.data = Dataset(data_dir)
         self.users = self.data.tables["users"].to_pandas()
         self.limits = ApiLimits(**limits)
@@ -89,8 +95,7 @@ class Reranker:
 
         self._loaded = serve.multiplexed(max_num_models_per_replica=max(max_adapters, 1))(load)
         self._rerank.set_max_batch_size(max(self.rerank_cfg.batch_size, 1))
-        first = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
-        self.probe = self.service.prompt(first)
+        self.probe = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
         # Application metrics, exported by Ray's metrics agent for Prometheus as ray_recalign_* (docs/serving.md).
         self.requests = metrics.Counter("recalign_requests", "re-rank requests by HTTP status and system",
                                         tag_keys=("status", "system"))
@@ -101,11 +106,24 @@ class Reranker:
                                             boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     def _load_service(self, system: str) -> RerankService:
-        adapter = self.systems[system]
-        loader = functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype)
+        spec = self.systems[system]
+        adapter, kind = spec.get("adapter"), spec["kind"]
+        loader = (functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype) if kind != "sasrec"
+                  else None)
         name = os.path.basename(self.model_path.rstrip("/")) + (f"+{os.path.basename(adapter)}" if adapter else "")
+        name = {"sasrec": "sasrec", "fusion": f"sasrec+{name}"}.get(kind, name)
         return RerankService(self.data.items, loader, self.rerank_cfg, self.prompt_cfg, model_name=name,
-                             users=self.users, limits=self.limits)
+                             users=self.users, limits=self.limits,
+                             sasrec=self._sasrec_model() if kind != "llm" else None,
+                             history_len=self.data.history_len, fusion_weight=spec.get("weight"))
+
+    def _sasrec_model(self):
+        """The run's SASRec, loaded once per replica (small; sasrec and fusion share it)."""
+        if self._sasrec is None:
+            from recalign.recsys.train import load_model
+
+            self._sasrec = load_model(self.sasrec_dir)
+        return self._sasrec
 
     async def _service(self, system: str) -> RerankService:
         return self.service if system == self.default else await self._loaded(system)
@@ -162,8 +180,8 @@ class Reranker:
             return error_reply(err, uuid.uuid4().hex)
         return JSONResponse({"default": self.default, "max_candidates": self.limits.max_candidates,
                              "max_history": self.limits.max_history, "systems": [
-                                 {"name": name, "kind": "llm-letter-logits", "base_model": self.model_path,
-                                  "adapter": adapter} for name, adapter in self.systems.items()]})
+                                 {"name": name, **spec, "base_model": self.model_path if spec["kind"] != "sasrec"
+                                  else None} for name, spec in self.systems.items()]})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -171,7 +189,7 @@ class Reranker:
 
     def check_health(self) -> None:
         """Serve's health check: one tiny forward pass; an exception marks the replica unhealthy."""
-        self.service.scorer({"row": [0], "prompt": [self.probe]}, generate=False)
+        self.service.rerank([self.probe])
 
 
 @dataclass
@@ -180,10 +198,14 @@ class ServeJob:
     model: str = option("smollm2", "base model: \"smollm2\" (converted default) or a local HF folder")
     models_dir: str = option("", "where converted models live; empty: <run root>/models (the run dir's parent) when "
                                  "run_dir is a URI or an absolute path, else ./models")
-    adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir) of the default system; "
-                              "empty = the base model")
+    system: str = option("", "the default system (sasrec, fusion, llm:base, llm:<policy label>); empty: adapter's, "
+                             "else the best by the run's validation NDCG@10 (eval/validation.json), else llm:base")
+    adapter: str = option("", "LoRA adapter folder (absolute, or relative to run_dir) served as llm:<folder name> "
+                              "and made the default unless `system` is set")
     adapters: list[str] = option(factory=list, help="more adapter folders, each served as system llm:<folder name> "
                                                     "beside llm:base and the default (POST /v1/rerank system=...)")
+    discover: bool = option(True, "also serve the run's own systems: every finished re-rank policy "
+                                  "(llm:<label>), sasrec and fusion where the run has them")
     max_adapters: int = option(2, "non-default systems a replica keeps loaded (LRU, @serve.multiplexed)")
     host: str = option("127.0.0.1", "HTTP host of the embedded Serve proxy")
     port: int = option(8000, "HTTP port of the embedded Serve proxy")
@@ -205,21 +227,7 @@ def build(cfg: ServeJob):
     if not io.exists(io.join(data_dir, "meta.json")):
         raise MissingInputError(f"run_dir={cfg.run_dir}: no prepared dataset in {data_dir}; point run_dir at a run "
                                 "(`make run` writes runs/demo) or prepare one with jobs/prepare.py")
-    systems: dict[str, str | None] = {"llm:base": None}
-    for field, value in [("adapter", cfg.adapter)] + [(f"adapters[{i}]", a) for i, a in enumerate(cfg.adapters)]:
-        if not value:
-            continue
-        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(cfg.run_dir, value)
-        if not io.exists(io.join(path, "adapter_config.json")):
-            raise MissingInputError(f"{field}={value}: {path} is not a LoRA adapter folder (no adapter_config.json);"
-                                    " use a policy of the run, e.g. policy/rerank/sft+sdpo, or adapter='' for the "
-                                    "base model")
-        name = "llm:" + os.path.basename(value.rstrip("/"))
-        if systems.get(name, path) != path:
-            raise UserError(f"{field}={value}: system {name} is already {systems[name]}; give adapters distinct "
-                            "folder names")
-        systems[name] = path
-    default = "llm:" + os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "llm:base"
+    systems, default = plan_systems(cfg)
     run_dir = cfg.run_dir.rstrip("/")
     models_dir = run_spec(run_dir).models(cfg.models_dir)
     model_path = str(resolve_model(cfg.model, models_dir))
@@ -233,7 +241,67 @@ def build(cfg: ServeJob):
                                   ray_actor_options={
                                       "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
     return deployment.bind(data_dir, model_path, systems, default, asdict(cfg.rerank), asdict(run_prompt(cfg.run_dir)),
-                           keys.digests if keys else None, asdict(cfg.limits), cfg.max_adapters)
+                           keys.digests if keys else None, asdict(cfg.limits), cfg.max_adapters,
+                           os.path.join(cfg.run_dir, "baselines", "sasrec"))
+
+
+def plan_systems(cfg: ServeJob) -> tuple[dict[str, dict], str]:
+    """The systems a deployment serves ({name: {kind, adapter, weight?, reranker?, validation?}}) and its default."""
+    systems, validation = run_systems(cfg) if cfg.discover else ({"llm:base": {"kind": "llm", "adapter": None}}, {})
+    for field, value in [("adapter", cfg.adapter)] + [(f"adapters[{i}]", a) for i, a in enumerate(cfg.adapters)]:
+        if not value:
+            continue
+        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(cfg.run_dir, value)
+        if not io.exists(io.join(path, "adapter_config.json")):
+            raise MissingInputError(f"{field}={value}: {path} is not a LoRA adapter folder (no adapter_config.json);"
+                                    " use a policy of the run, e.g. policy/rerank/sft+sdpo, or adapter='' for the "
+                                    "base model")
+        name = "llm:" + os.path.basename(value.rstrip("/"))
+        known = systems.get(name, {}).get("adapter")
+        if known is not None and os.path.abspath(known) != os.path.abspath(path):
+            raise UserError(f"{field}={value}: system {name} is already {known}; give adapters distinct "
+                            "folder names")
+        systems[name] = {**systems.get(name, {}), "kind": "llm", "adapter": path}
+    best = validation.get("best", "")
+    default = (cfg.system or ("llm:" + os.path.basename(cfg.adapter.rstrip("/")) if cfg.adapter else "")
+               or (best if best in systems else "") or "llm:base")
+    if default not in systems:
+        raise UserError(f"system={cfg.system}: this deployment serves {sorted(systems)}")
+    return systems, default
+
+
+def serve_name(system: str) -> str:
+    """An evaluation system's name as the endpoint's: 'llm zero-shot' -> 'llm:base', 'llm sft' -> 'llm:sft'."""
+    if system == "llm zero-shot":
+        return "llm:base"
+    return "llm:" + system[len("llm "):] if system.startswith("llm ") else system
+
+
+def run_systems(cfg: ServeJob) -> tuple[dict[str, dict], dict]:
+    """The systems the run at cfg.run_dir has, {name: {kind, adapter, weight?, validation?}}, and its
+    eval/validation.json ({} without one, its `best` a serve name). Fusion needs SASRec and that file."""
+    from recalign.evaluation.stage import discover_policies
+
+    run = run_spec(cfg.run_dir.rstrip("/"))
+    systems: dict[str, dict] = {}
+    for policy in discover_policies(run)[0]:
+        systems[serve_name(policy.name)] = {"kind": "llm", "adapter": policy.adapter}
+    has_sasrec = io.exists(run.dir("baselines", "sasrec", "model.pt"))
+    if has_sasrec:
+        systems["sasrec"] = {"kind": "sasrec", "adapter": None}
+    uri = run.dir("eval", "validation.json")
+    validation = io.read_json(uri) if io.exists(uri) else {}
+    fusion = validation.get("fusion", {})
+    partner = systems.get(serve_name(fusion.get("reranker", "")))
+    if has_sasrec and partner is not None:
+        systems["fusion"] = {"kind": "fusion", "adapter": partner["adapter"], "weight": float(fusion["weight"]),
+                             "reranker": serve_name(fusion["reranker"])}
+    for name, metrics_ in validation.get("systems", {}).items():
+        if serve_name(name) in systems:
+            systems[serve_name(name)]["validation"] = {"rows": validation["rows"], **metrics_}
+    if validation:
+        validation = {**validation, "best": serve_name(validation["best"])}
+    return systems, validation
 
 
 def run_prompt(run_dir: str) -> PromptConfig:

@@ -5,28 +5,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from recalign import io
 from recalign.config import to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.config import FinalEvalConfig
 from recalign.evaluation.stage import discover_policies, evaluate_run, llm_rows
-from recalign.recsys.sasrec import SASRec, SASRecConfig
-from recalign.recsys.train import SASRecJobSpec, SeqTrainConfig, save_model
 from recalign.runs import run_stage
 from recalign.systems import EvalConfig
 from tests.helpers.data import tiny_run
-
-
-def _fake_sasrec(run) -> None:
-    """A random SASRec published as the sasrec stage would (model.pt, config.json, marker)."""
-    data = Dataset(run.dir("data"))
-    torch.manual_seed(0)
-    model = SASRec(data.num_items, SASRecConfig(hidden_size=8, num_layers=1, num_heads=1, max_len=8))
-    out = run.dir("baselines", "sasrec")
-    spec = SASRecJobSpec(run.dir("data"), model.cfg, SeqTrainConfig())
-    run_stage("sasrec", out, "fake", lambda: save_model(model.state_dict(), spec, out, {}) or {}, lambda _: None)
+from tests.helpers.recsys import publish_random_sasrec
 
 
 def _published(run, path: str, label: str, finished: bool = True) -> None:
@@ -65,7 +53,7 @@ def test_llm_rows_are_seeded_users_whose_analyses_trained_nothing(tmp_path):
 
 def test_baselines_are_reported_and_cached_per_system(tmp_path):
     run = tiny_run(tmp_path)
-    _fake_sasrec(run)
+    publish_random_sasrec(run)
     cfg = FinalEvalConfig(eval=EvalConfig(num_resamples=50), llm_users=0)
     logs = []
     evaluate_run(run, cfg, "", [], [], log=logs.append)
@@ -146,7 +134,7 @@ def test_fusion_and_validation_pick_the_informed_re_ranker(tmp_path, monkeypatch
     from recalign.evaluation.stage import FUSION, Policy
 
     run = tiny_run(tmp_path)
-    _fake_sasrec(run)
+    publish_random_sasrec(run)
     calls = []
 
     def fake_llm_system(data, cfg, prompt, split, sub, model_path, policy, split_name=""):

@@ -71,3 +71,39 @@ def test_explain_decodes_an_answer_without_changing_the_scores(service):
     assert plain["explanation"] is None and isinstance(explained["explanation"], str)
     assert [r["score"] for r in plain["ranking"]] == pytest.approx([r["score"] for r in explained["ranking"]],
                                                                    rel=1e-4, abs=1e-4)
+
+
+def test_sasrec_and_fusion_services_score_as_evaluation_does(service, tiny_llama_dir, ml100k_dir):
+    """SASRec alone scores the candidates after the history's last H items; fusion adds the standardised scores of
+    SASRec and the letter logits with the run's weight (recalign.rerank.fusion), as the evaluation did."""
+    import torch
+
+    from recalign.rerank.fusion import fuse
+    from recalign.recsys.sasrec import SASRec, SASRecConfig
+    from recalign.recsys.train import score_split
+
+    data = Dataset(ml100k_dir)
+    torch.manual_seed(0)
+    sasrec = SASRec(data.num_items, SASRecConfig(hidden_size=8, num_layers=1, num_heads=1, max_len=20)).eval()
+    alone = RerankService(data.items, None, RerankConfig(), service.prompt_cfg, sasrec=sasrec, history_len=20)
+    loader = functools.partial(load_policy, str(tiny_llama_dir))
+    fused = RerankService(data.items, loader, RerankConfig(max_new_tokens=1), service.prompt_cfg, sasrec=sasrec,
+                          history_len=20, fusion_weight=0.7)
+    request = {"history": [str(i) for i in range(1, 26)], "candidates": ["30", "40", "50", "60"], "explain": True}
+    history = np.array([list(range(6, 26))])  # the last 20 of the 25 (item ids are item indices in ml-100k)
+    candidates = np.array([[service.index_of[c] for c in request["candidates"]]])
+    expected_sasrec = score_split(sasrec, history, candidates)[0]
+    reply = alone.rerank([request])[0]
+    assert alone.kind == "sasrec" and reply["explanation"] is None
+    assert {r["item_id"]: r["score"] for r in reply["ranking"]} == pytest.approx(
+        dict(zip(request["candidates"], expected_sasrec.tolist())), abs=1e-5)
+    llm = {r["item_id"]: r["score"] for r in service.rerank([request])[0]["ranking"]}
+    expected = fuse(expected_sasrec[None], np.array([[llm[c] for c in request["candidates"]]]), 0.7)[0]
+    reply = fused.rerank([request])[0]
+    assert fused.kind == "fusion" and isinstance(reply["explanation"], str)
+    assert {r["item_id"]: r["score"] for r in reply["ranking"]} == pytest.approx(
+        dict(zip(request["candidates"], expected.tolist())), abs=1e-4)
+    with pytest.raises(ValueError, match="fusion takes"):
+        RerankService(data.items, loader, RerankConfig(), service.prompt_cfg, sasrec=sasrec)
+    with pytest.raises(ValueError, match="needs an LLM loader"):
+        RerankService(data.items, None, RerankConfig(), service.prompt_cfg)

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -275,3 +276,75 @@ def test_many_adapters_per_replica_each_scores_as_its_merged_model(endpoint, tin
             assert got == pytest.approx(expected[reply["system"]], rel=1e-3, abs=1e-3), system
     finally:
         serve.delete("recalign-multi")
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(ml100k_dir, tiny_adapters, tmp_path_factory):
+    """A run with ml-100k data, a random SASRec, one finished re-rank policy (llm sft) and the validation results
+    its evaluation would write: fusion of SASRec and llm sft at w = 0.5, the best system on validation."""
+    import shutil
+
+    from recalign import io
+    from recalign.runs import RunSpec, run_stage
+    from tests.helpers.recsys import publish_random_sasrec
+
+    root = tmp_path_factory.mktemp("served")
+    run = RunSpec(name="served", root=str(root))
+    os.makedirs(run.dir())
+    os.symlink(ml100k_dir, run.dir("data"))
+    publish_random_sasrec(run)
+    policy = run.dir("policy", "rerank", "sft")
+    run_stage("policy/rerank/sft", policy, "k", lambda: shutil.copytree(tiny_adapters["a1"], policy,
+                                                                        dirs_exist_ok=True) and {}, lambda _: None)
+    io.write_json({"split": "valid", "rows": 16, "metric": "ndcg@10", "best": "fusion",
+                   "systems": {"sasrec": {"ndcg@10": 0.6, "hr@1": 0.4}, "llm zero-shot": {"ndcg@10": 0.2, "hr@1": 0.05},
+                               "llm sft": {"ndcg@10": 0.3, "hr@1": 0.1}, "fusion": {"ndcg@10": 0.65, "hr@1": 0.45}},
+                   "fusion": {"reranker": "llm sft", "weight": 0.5, "grid": {}}}, run.dir("eval", "validation.json"))
+    return run.dir()
+
+
+def test_the_run_s_systems_and_the_best_by_validation_is_the_default(evaluated_run, tiny_llama_dir):
+    from recalign.errors import UserError
+    from serve.app import ServeJob, plan_systems
+
+    cfg = ServeJob(run_dir=evaluated_run, model=str(tiny_llama_dir), auth="none")
+    systems, default = plan_systems(cfg)
+    assert sorted(systems) == ["fusion", "llm:base", "llm:sft", "sasrec"] and default == "fusion"
+    assert systems["fusion"]["weight"] == 0.5 and systems["fusion"]["adapter"] == systems["llm:sft"]["adapter"]
+    assert systems["llm:base"]["validation"] == {"rows": 16, "ndcg@10": 0.2, "hr@1": 0.05}
+    assert plan_systems(ServeJob(run_dir=evaluated_run, system="sasrec"))[1] == "sasrec"
+    assert plan_systems(ServeJob(run_dir=evaluated_run, discover=False))[0].keys() == {"llm:base"}
+    with pytest.raises(UserError, match="system=nope: this deployment serves"):
+        plan_systems(ServeJob(run_dir=evaluated_run, system="nope"))
+
+
+@pytest.mark.ray
+def test_sasrec_and_fusion_are_served_with_their_validation_metrics(endpoint, evaluated_run, tiny_llama_dir):
+    from ray import serve
+
+    from serve.app import ServeJob, build
+
+    cfg = ServeJob(run_dir=evaluated_run, model=str(tiny_llama_dir), auth="none", max_adapters=2,
+                   rerank=RerankConfig(max_new_tokens=1))
+    serve.run(build(cfg), name="recalign-run", route_prefix="/run")
+    try:
+        status, listed = call(f"{endpoint}/run/v1/systems", key=None)
+        assert status == 200 and listed["default"] == "fusion"
+        by_name = {s["name"]: s for s in listed["systems"]}
+        assert by_name["sasrec"]["validation"]["ndcg@10"] == 0.6 and by_name["sasrec"]["base_model"] is None
+        assert by_name["fusion"]["kind"] == "fusion" and by_name["fusion"]["reranker"] == "llm:sft"
+        body = {"history": ["50", "172", "133"], "candidates": ["1", "2", "3", "4", "5"]}
+        replies = {}
+        for system in ["sasrec", "llm:sft", None]:
+            status, reply = call(f"{endpoint}/run/v1/rerank", {**body, **({"system": system} if system else {})},
+                                 key=None)
+            assert status == 200 and reply["system"] == (system or "fusion"), reply
+            replies[reply["system"]] = {r["item_id"]: r["score"] for r in reply["ranking"]}
+        from recalign.rerank.fusion import fuse
+
+        ids = body["candidates"]
+        expected = fuse(np.array([[replies["sasrec"][i] for i in ids]]), np.array([[replies["llm:sft"][i] for i in ids]]),
+                        0.5)[0]
+        assert [replies["fusion"][i] for i in ids] == pytest.approx(expected.tolist(), abs=1e-3)
+    finally:
+        serve.delete("recalign-run")
