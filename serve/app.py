@@ -20,6 +20,7 @@ scorer's batch), run off the replica's event loop; the free-text answer is decod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import sys
@@ -72,126 +73,6 @@ def error_reply(err: ApiError, request_id: str) -> JSONResponse:
     return JSONResponse({**err.body(), "request_id": request_id}, status_code=err.status, headers=err.headers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64,
-                  health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=20)
-@serve.ingress(api)
-class Reranker:
-    """One replica: the default system resident, the others' adapters loaded on demand into an LRU of
-    `max_adapters` (@serve.multiplexed), each a base model with its LoRA merged."""
-
-    def __init__(self, data_dir: str, model_path: str, systems: dict[str, dict], default: str, cfg: dict,
-                 prompt: dict, key_digests: list[bytes] | None, limits: dict, max_adapters: int, sasrec_dir: str = ""):
-        self.model_path, self.rerank_cfg, self.prompt_cfg = model_path, RerankConfig(**cfg), PromptConfig(**prompt)
-        self.sasrec_dir, self._sasrec = sasrec_dir, None
-        self.data = Dataset(data_dir)
-        self.users = self.data.tables["users"].to_pandas()
-        self.limits = ApiLimits(**limits)
-        self.systems, self.default = systems, default
-        self.service = self._load_service(default)
-        self.keys = ApiKeys(key_digests) if key_digests is not None else None
-
-        async def load(system: str) -> RerankService:
-            return await asyncio.to_thread(self._load_service, system)
-
-        self._loaded = serve.multiplexed(max_num_models_per_replica=max(max_adapters, 1))(load)
-        self._rerank.set_max_batch_size(max(self.rerank_cfg.batch_size, 1))
-        self.probe = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
-        # Application metrics, exported by Ray's metrics agent for Prometheus as ray_recalign_* (docs/serving.md).
-        self.requests = metrics.Counter("recalign_requests", "re-rank requests by HTTP status and system",
-                                        tag_keys=("status", "system"))
-        self.latency = metrics.Histogram("recalign_request_seconds", "re-rank latency in the replica, seconds",
-                                         boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-                                         tag_keys=("system",))
-        self.batch_size = metrics.Histogram("recalign_batch_size", "requests per forward pass",
-                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
-
-    def _load_service(self, system: str) -> RerankService:
-        spec = self.systems[system]
-        adapter, kind = spec.get("adapter"), spec["kind"]
-        loader = (functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype) if kind != "sasrec"
-                  else None)
-        name = os.path.basename(self.model_path.rstrip("/")) + (f"+{os.path.basename(adapter)}" if adapter else "")
-        name = {"sasrec": "sasrec", "fusion": f"sasrec+{name}"}.get(kind, name)
-        return RerankService(self.data.items, loader, self.rerank_cfg, self.prompt_cfg, model_name=name,
-                             users=self.users, limits=self.limits,
-                             sasrec=self._sasrec_model() if kind != "llm" else None,
-                             history_len=self.data.history_len, fusion_weight=spec.get("weight"))
-
-    def _sasrec_model(self):
-        """The run's SASRec, loaded once per replica (small; sasrec and fusion share it)."""
-        if self._sasrec is None:
-            from recalign.recsys.train import load_model
-
-            self._sasrec = load_model(self.sasrec_dir)
-        return self._sasrec
-
-    async def _service(self, system: str) -> RerankService:
-        return self.service if system == self.default else await self._loaded(system)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _rerank(self, requests: list[tuple[str, ParsedRequest]]) -> list[dict]:
-        """(system, request) pairs -> replies, one scorer pass per system in the batch. Torch blocks: it runs
-        in a thread so the replica keeps answering (health checks, 4xx) meanwhile."""
-        self.batch_size.observe(len(requests))
-        replies: list[dict | None] = [None] * len(requests)
-        for system in dict.fromkeys(s for s, _ in requests):
-            rows = [i for i, (s, _) in enumerate(requests) if s == system]
-            service = await self._service(system)
-            for i, reply in zip(rows, await asyncio.to_thread(service.rerank, [requests[i][1] for i in rows])):
-                replies[i] = {"system": system, **reply}
-        return replies
-
-    @api.post("/v1/rerank", response_model=RerankReply, openapi_extra=REQUEST_SCHEMA,
-              responses={code: {"description": why} for code, why in [
-                  (401, "no API key"), (403, "wrong API key"), (404, "unknown system or user"),
-                  (413, "body too large"), (422, "a field is invalid (named in error.field)"),
-                  (503, "overloaded: retry later")]})
-    async def rerank(self, request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        system, response = await self._answer(request)
-        self.requests.inc(tags={"status": str(response.status_code), "system": system})
-        self.latency.observe(time.perf_counter() - start, tags={"system": system})
-        return response
-
-    async def _answer(self, request: Request) -> tuple[str, JSONResponse]:
-        """(the system that answered, or "-" for a refused request; the response)."""
-        request_id = uuid.uuid4().hex
-        try:
-            if self.keys is not None:
-                self.keys.check(request.headers.get("authorization"))
-            req = parse_request(read_json(await read_body(request, self.limits.max_body_bytes), self.limits),
-                                self.limits)
-            system = req.system or self.default
-            if system not in self.systems:
-                raise ApiError(404, "system", f"unknown system {short(system)}; this deployment serves "
-                                              f"{sorted(self.systems)}")
-            parsed = self.service.parse(req)
-        except ApiError as err:
-            return "-", error_reply(err, request_id)
-        reply = await self._rerank((system, parsed))
-        return system, JSONResponse({"request_id": request_id, **reply})
-
-    @api.get("/v1/systems")
-    async def systems(self, request: Request) -> JSONResponse:
-        try:
-            if self.keys is not None:
-                self.keys.check(request.headers.get("authorization"))
-        except ApiError as err:
-            return error_reply(err, uuid.uuid4().hex)
-        return JSONResponse({"default": self.default, "max_candidates": self.limits.max_candidates,
-                             "max_history": self.limits.max_history, "systems": [
-                                 {"name": name, **spec, "base_model": self.model_path if spec["kind"] != "sasrec"
-                                  else None} for name, spec in self.systems.items()]})
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "system": self.default}
-
-    def check_health(self) -> None:
-        """Serve's health check: one tiny forward pass; an exception marks the replica unhealthy."""
-        self.service.rerank([self.probe])
-
-
 @dataclass
 class ServeJob:
     run_dir: str = option("runs/demo", "run whose data/ (item titles) the service reads")
@@ -222,27 +103,13 @@ class ServeJob:
     request_timeout_s: float = option(60.0, "the HTTP proxy gives up on a request after this many seconds")
 
 
-def build(cfg: ServeJob):
-    data_dir = os.path.join(cfg.run_dir, "data")
-    if not io.exists(io.join(data_dir, "meta.json")):
-        raise MissingInputError(f"run_dir={cfg.run_dir}: no prepared dataset in {data_dir}; point run_dir at a run "
-                                "(`make run` writes runs/demo) or prepare one with jobs/prepare.py")
-    systems, default = plan_systems(cfg)
-    run_dir = cfg.run_dir.rstrip("/")
-    models_dir = run_spec(run_dir).models(cfg.models_dir)
-    model_path = str(resolve_model(cfg.model, models_dir))
-    keys = ApiKeys.load(cfg.auth, cfg.keys_file)
-    if keys is None:
-        print("recalign serve: auth=none: the endpoint takes requests WITHOUT API keys", file=sys.stderr)
-    deployment = Reranker.options(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                                  max_queued_requests=cfg.max_queued_requests,
-                                  backpressure_config=BackpressureConfig(status_code=503,
-                                                                         retry_after_s=cfg.retry_after_s),
-                                  ray_actor_options={
-                                      "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
-    return deployment.bind(data_dir, model_path, systems, default, asdict(cfg.rerank), asdict(run_prompt(cfg.run_dir)),
-                           keys.digests if keys else None, asdict(cfg.limits), cfg.max_adapters,
-                           os.path.join(cfg.run_dir, "baselines", "sasrec"))
+def adapter_path(run_dir: str, value: str) -> str:
+    """An adapter option's folder: absolute or existing as given, else relative to the run dir."""
+    return value if os.path.isabs(value) or "://" in value or os.path.exists(value) else os.path.join(run_dir, value)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
 
 
 def plan_systems(cfg: ServeJob) -> tuple[dict[str, dict], str]:
@@ -251,7 +118,7 @@ def plan_systems(cfg: ServeJob) -> tuple[dict[str, dict], str]:
     for field, value in [("adapter", cfg.adapter)] + [(f"adapters[{i}]", a) for i, a in enumerate(cfg.adapters)]:
         if not value:
             continue
-        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(cfg.run_dir, value)
+        path = adapter_path(cfg.run_dir, value)
         if not io.exists(io.join(path, "adapter_config.json")):
             raise MissingInputError(f"{field}={value}: {path} is not a LoRA adapter folder (no adapter_config.json);"
                                     " use a policy of the run, e.g. policy/rerank/sft+sdpo, or adapter='' for the "
@@ -314,6 +181,177 @@ def run_spec(run_dir: str) -> RunSpec:
     """The run at `run_dir` (its parent the root)."""
     run_dir = run_dir.rstrip("/")
     return RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64,
+                  health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=20)
+@serve.ingress(api)
+class Reranker:
+    """One replica: the default system resident, the others' adapters loaded on demand into an LRU of
+    `max_adapters` (@serve.multiplexed), each a base model with its LoRA merged."""
+
+    def __init__(self, data_dir: str, model_path: str, systems: dict[str, dict], default: str, cfg: dict,
+                 prompt: dict, key_digests: list[bytes] | None, limits: dict, max_adapters: int, sasrec_dir: str = "",
+                 run_dir: str = "", discover: bool = True):
+        self.model_path, self.rerank_cfg, self.prompt_cfg = model_path, RerankConfig(**cfg), PromptConfig(**prompt)
+        self.sasrec_dir, self._sasrec, self.run_dir, self.discover = sasrec_dir, None, run_dir, discover
+        self.data = Dataset(data_dir)
+        self.users = self.data.tables["users"].to_pandas()
+        self.limits = ApiLimits(**limits)
+        # Systems by generation: `reconfigure` starts a new one, and a request keeps the generation it was
+        # admitted in, so a batch in flight never loses its system. LRU entries are "<generation>:<system>".
+        self.generation, self._specs = 0, {0: systems}
+        self.systems, self.default = systems, default
+        self.service = self._load_service(default)
+        self.keys = ApiKeys(key_digests) if key_digests is not None else None
+
+        async def load(model_id: str) -> RerankService:
+            generation, _, system = model_id.partition(":")
+            return await asyncio.to_thread(self._load_service, system, int(generation))
+
+        self._loaded = serve.multiplexed(max_num_models_per_replica=max(max_adapters, 1))(load)
+        self._rerank.set_max_batch_size(max(self.rerank_cfg.batch_size, 1))
+        self.probe = self.service.parse({"history": [], "candidates": [str(self.service.items["item_id"].iloc[0])]})
+        # Application metrics, exported by Ray's metrics agent for Prometheus as ray_recalign_* (docs/serving.md).
+        self.requests = metrics.Counter("recalign_requests", "re-rank requests by HTTP status and system",
+                                        tag_keys=("status", "system"))
+        self.latency = metrics.Histogram("recalign_request_seconds", "re-rank latency in the replica, seconds",
+                                         boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                                         tag_keys=("system",))
+        self.batch_size = metrics.Histogram("recalign_batch_size", "requests per forward pass",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's user_config ({adapter, adapters, system}, as ServeJob's): the systems are planned again from
+        the run and the new default loaded, in place; requests already admitted finish on what they were sent to."""
+        job = ServeJob(run_dir=self.run_dir, discover=self.discover, adapter=str(config.get("adapter") or ""),
+                       adapters=[str(a) for a in config.get("adapters") or []], system=str(config.get("system") or ""))
+        systems, default = plan_systems(job)
+        if (systems, default) == (self.systems, self.default):
+            return
+        service = self._load_service(default, specs=systems)
+        self.generation += 1
+        self._specs[self.generation] = systems
+        self.systems, self.default, self.service = systems, default, service
+
+    def _load_service(self, system: str, generation: int | None = None,
+                      specs: dict[str, dict] | None = None) -> RerankService:
+        spec = (specs or self._specs[self.generation if generation is None else generation])[system]
+        adapter, kind = spec.get("adapter"), spec["kind"]
+        loader = (functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype) if kind != "sasrec"
+                  else None)
+        name = os.path.basename(self.model_path.rstrip("/")) + (f"+{os.path.basename(adapter)}" if adapter else "")
+        name = {"sasrec": "sasrec", "fusion": f"sasrec+{name}"}.get(kind, name)
+        return RerankService(self.data.items, loader, self.rerank_cfg, self.prompt_cfg, model_name=name,
+                             users=self.users, limits=self.limits,
+                             sasrec=self._sasrec_model() if kind != "llm" else None,
+                             history_len=self.data.history_len, fusion_weight=spec.get("weight"))
+
+    def _sasrec_model(self):
+        """The run's SASRec, loaded once per replica (small; sasrec and fusion share it)."""
+        if self._sasrec is None:
+            from recalign.recsys.train import load_model
+
+            self._sasrec = load_model(self.sasrec_dir)
+        return self._sasrec
+
+    async def _service(self, system: str, generation: int) -> RerankService:
+        if system == self.default and generation == self.generation:
+            return self.service
+        return await self._loaded(f"{generation}:{system}")
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def _rerank(self, requests: list[tuple[str, int, ParsedRequest]]) -> list[dict]:
+        """(system, generation, request) -> replies, one scorer pass per system in the batch. Torch blocks: it runs
+        in a thread so the replica keeps answering (health checks, 4xx) meanwhile."""
+        self.batch_size.observe(len(requests))
+        replies: list[dict | None] = [None] * len(requests)
+        for system, generation in dict.fromkeys((s, g) for s, g, _ in requests):
+            rows = [i for i, (s, g, _) in enumerate(requests) if (s, g) == (system, generation)]
+            service = await self._service(system, generation)
+            for i, reply in zip(rows, await asyncio.to_thread(service.rerank, [requests[i][2] for i in rows])):
+                replies[i] = {"system": system, **reply}
+        return replies
+
+    @api.post("/v1/rerank", response_model=RerankReply, openapi_extra=REQUEST_SCHEMA,
+              responses={code: {"description": why} for code, why in [
+                  (401, "no API key"), (403, "wrong API key"), (404, "unknown system or user"),
+                  (413, "body too large"), (422, "a field is invalid (named in error.field)"),
+                  (503, "overloaded: retry later")]})
+    async def rerank(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        system, response = await self._answer(request)
+        self.requests.inc(tags={"status": str(response.status_code), "system": system})
+        self.latency.observe(time.perf_counter() - start, tags={"system": system})
+        return response
+
+    async def _answer(self, request: Request) -> tuple[str, JSONResponse]:
+        """(the system that answered, or "-" for a refused request; the response)."""
+        request_id = uuid.uuid4().hex
+        try:
+            if self.keys is not None:
+                self.keys.check(request.headers.get("authorization"))
+            req = parse_request(read_json(await read_body(request, self.limits.max_body_bytes), self.limits),
+                                self.limits)
+            system, generation = req.system or self.default, self.generation
+            if system not in self.systems:
+                raise ApiError(404, "system", f"unknown system {short(system)}; this deployment serves "
+                                              f"{sorted(self.systems)}")
+            parsed = self.service.parse(req)
+        except ApiError as err:
+            return "-", error_reply(err, request_id)
+        reply = await self._rerank((system, generation, parsed))
+        return system, JSONResponse({"request_id": request_id, **reply})
+
+    @api.get("/v1/systems")
+    async def systems(self, request: Request) -> JSONResponse:
+        try:
+            if self.keys is not None:
+                self.keys.check(request.headers.get("authorization"))
+        except ApiError as err:
+            return error_reply(err, uuid.uuid4().hex)
+        return JSONResponse({"default": self.default, "max_candidates": self.limits.max_candidates,
+                             "max_history": self.limits.max_history, "systems": [
+                                 {"name": name, **spec, "base_model": self.model_path if spec["kind"] != "sasrec"
+                                  else None} for name, spec in self.systems.items()]})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "system": self.default, "generation": self.generation}
+
+    def check_health(self) -> None:
+        """Serve's health check: one tiny forward pass; an exception marks the replica unhealthy."""
+        self.service.rerank([self.probe])
+
+
+def build(cfg: ServeJob):
+    data_dir = os.path.join(cfg.run_dir, "data")
+    if not io.exists(io.join(data_dir, "meta.json")):
+        raise MissingInputError(f"run_dir={cfg.run_dir}: no prepared dataset in {data_dir}; point run_dir at a run "
+                                "(`make run` writes runs/demo) or prepare one with jobs/prepare.py")
+    plan_systems(cfg)  # errors name the options as the user wrote them
+    # Absolute paths: a replica plans its systems again from these (reconfigure), in its own working dir.
+    cfg = dataclasses.replace(cfg, run_dir=_absolute(cfg.run_dir),
+                              adapter=_absolute(adapter_path(cfg.run_dir, cfg.adapter)) if cfg.adapter else "",
+                              adapters=[_absolute(adapter_path(cfg.run_dir, a)) for a in cfg.adapters])
+    systems, default = plan_systems(cfg)
+    run_dir = cfg.run_dir.rstrip("/")
+    models_dir = run_spec(run_dir).models(cfg.models_dir)
+    model_path = str(resolve_model(cfg.model, models_dir))
+    keys = ApiKeys.load(cfg.auth, cfg.keys_file)
+    if keys is None:
+        print("recalign serve: auth=none: the endpoint takes requests WITHOUT API keys", file=sys.stderr)
+    deployment = Reranker.options(num_replicas=cfg.replicas,
+                                  user_config={"adapter": cfg.adapter, "adapters": list(cfg.adapters),
+                                               "system": cfg.system}, max_ongoing_requests=cfg.max_ongoing_requests,
+                                  max_queued_requests=cfg.max_queued_requests,
+                                  backpressure_config=BackpressureConfig(status_code=503,
+                                                                         retry_after_s=cfg.retry_after_s),
+                                  ray_actor_options={
+                                      "num_cpus": cfg.rerank.cpus_per_actor, "num_gpus": cfg.rerank.num_gpus})
+    return deployment.bind(data_dir, model_path, systems, default, asdict(cfg.rerank), asdict(run_prompt(cfg.run_dir)),
+                           keys.digests if keys else None, asdict(cfg.limits), cfg.max_adapters,
+                           os.path.join(cfg.run_dir, "baselines", "sasrec"), cfg.run_dir, cfg.discover)
 
 
 def app_builder(args: dict[str, str]):

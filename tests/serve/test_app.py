@@ -69,7 +69,7 @@ def test_rerank_keys_and_documented_api(endpoint):
     assert call(f"{endpoint}/v1/systems", key=None)[0] == 401
     status, systems = call(f"{endpoint}/v1/systems")
     assert status == 200 and systems["default"] == "llm:base"
-    assert call(f"{endpoint}/healthz", key=None) == (200, {"status": "ok", "system": "llm:base"})
+    assert call(f"{endpoint}/healthz", key=None) == (200, {"status": "ok", "system": "llm:base", "generation": 0})
     status, spec = call(f"{endpoint}/openapi.json", key=None)
     assert status == 200 and "/v1/rerank" in spec["paths"]
     assert "candidates" in json.dumps(spec["paths"]["/v1/rerank"]["post"]["requestBody"])
@@ -348,3 +348,36 @@ def test_sasrec_and_fusion_are_served_with_their_validation_metrics(endpoint, ev
         assert [replies["fusion"][i] for i in ids] == pytest.approx(expected.tolist(), abs=1e-3)
     finally:
         serve.delete("recalign-run")
+
+
+@pytest.mark.ray
+def test_a_new_user_config_reloads_the_systems_in_place(endpoint, tiny_llama_dir, tiny_adapters, ml100k_dir):
+    """serve.run with a changed user_config reaches the running replica through reconfigure: the new adapter is
+    served and the default moves, while the replica (its actor) stays the same."""
+    from ray import serve
+
+    from serve.app import ServeJob, build
+
+    cfg = ServeJob(run_dir=os.path.dirname(ml100k_dir), model=str(tiny_llama_dir), auth="none",
+                   adapter=tiny_adapters["a1"], rerank=RerankConfig(max_new_tokens=1))
+    app = build(cfg)
+    serve.run(app, name="recalign-reconf", route_prefix="/reconf")
+    try:
+        assert call(f"{endpoint}/reconf/healthz", key=None)[1] == {"status": "ok", "system": "llm:a1",
+                                                                   "generation": 0}
+        replicas = serve.status().applications["recalign-reconf"].deployments["Reranker"].replica_states
+        body = {"history": ["50", "172"], "candidates": ["1", "2", "3"]}
+        before = call(f"{endpoint}/reconf/v1/rerank", body, key=None)[1]["ranking"]
+        changed = app._bound_deployment.options(user_config={"adapter": tiny_adapters["a2"], "adapters": [],
+                                                             "system": ""})
+        serve.run(changed.bind(*app._bound_deployment.init_args), name="recalign-reconf", route_prefix="/reconf")
+        status, health = call(f"{endpoint}/reconf/healthz", key=None)
+        assert health == {"status": "ok", "system": "llm:a2", "generation": 1}
+        status, listed = call(f"{endpoint}/reconf/v1/systems", key=None)
+        assert [s["name"] for s in listed["systems"]] == ["llm:base", "llm:a2"]
+        after = call(f"{endpoint}/reconf/v1/rerank", body, key=None)[1]
+        assert after["system"] == "llm:a2" and after["ranking"] != before
+        assert call(f"{endpoint}/reconf/v1/rerank", {**body, "system": "llm:a1"}, key=None)[0] == 404
+        assert serve.status().applications["recalign-reconf"].deployments["Reranker"].replica_states == replicas
+    finally:
+        serve.delete("recalign-reconf")
