@@ -200,9 +200,8 @@ class Reranker:
         self.limits = ApiLimits(**limits)
         # Systems by generation: `reconfigure` starts a new one, and a request keeps the generation it was
         # admitted in, so a batch in flight never loses its system. LRU entries are "<generation>:<system>".
-        self.generation, self._specs = 0, {0: systems}
-        self.systems, self.default = systems, default
-        self.service = self._load_service(default)
+        self.generation, self._specs, self.default = 0, {0: systems}, default
+        self.service = self._load_service(default, 0)
         self.keys = ApiKeys(key_digests) if key_digests is not None else None
 
         async def load(model_id: str) -> RerankService:
@@ -227,16 +226,20 @@ class Reranker:
         job = ServeJob(run_dir=self.run_dir, discover=self.discover, adapter=str(config.get("adapter") or ""),
                        adapters=[str(a) for a in config.get("adapters") or []], system=str(config.get("system") or ""))
         systems, default = plan_systems(job)
-        if (systems, default) == (self.systems, self.default):
+        if (systems, default) == (self.served, self.default):
             return
-        service = self._load_service(default, specs=systems)
-        self.generation += 1
-        self._specs[self.generation] = systems
-        self.systems, self.default, self.service = systems, default, service
+        generation = self.generation + 1
+        self._specs[generation] = systems
+        self.service, self.default = self._load_service(default, generation), default
+        self.generation = generation  # last: a request admitted now sees the new systems whole
 
-    def _load_service(self, system: str, generation: int | None = None,
-                      specs: dict[str, dict] | None = None) -> RerankService:
-        spec = (specs or self._specs[self.generation if generation is None else generation])[system]
+    @property
+    def served(self) -> dict[str, dict]:
+        """The systems of the current config generation."""
+        return self._specs[self.generation]
+
+    def _load_service(self, system: str, generation: int) -> RerankService:
+        spec = self._specs[generation][system]
         adapter, kind = spec.get("adapter"), spec["kind"]
         loader = (functools.partial(load_policy, self.model_path, adapter, self.rerank_cfg.dtype) if kind != "sasrec"
                   else None)
@@ -294,9 +297,9 @@ class Reranker:
             req = parse_request(read_json(await read_body(request, self.limits.max_body_bytes), self.limits),
                                 self.limits)
             system, generation = req.system or self.default, self.generation
-            if system not in self.systems:
+            if system not in self.served:
                 raise ApiError(404, "system", f"unknown system {short(system)}; this deployment serves "
-                                              f"{sorted(self.systems)}")
+                                              f"{sorted(self.served)}")
             parsed = self.service.parse(req)
         except ApiError as err:
             return "-", error_reply(err, request_id)
@@ -313,7 +316,7 @@ class Reranker:
         return JSONResponse({"default": self.default, "max_candidates": self.limits.max_candidates,
                              "max_history": self.limits.max_history, "systems": [
                                  {"name": name, **spec, "base_model": self.model_path if spec["kind"] != "sasrec"
-                                  else None} for name, spec in self.systems.items()]})
+                                  else None} for name, spec in self.served.items()]})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -96,7 +96,6 @@ class AlignConfig:
             raise ValueError("set num_train_epochs >= 1 or max_steps >= 1 (both 0 with an SFT warm-up trains an "
                              "SFT-only policy)")
 
-
     @property
     def negatives_loaded(self) -> int:
         """Rejected completions read per pairs row: every one for a listwise SFT phase (the softmax runs over all

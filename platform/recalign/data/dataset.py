@@ -121,8 +121,8 @@ class Dataset:
     def split(self, split: str) -> SplitArrays:
         table = self.examples(split)
         h = self.history_len
-        history = _left_pad(table["history"].to_pylist(), h, 0, np.int64)
-        ratings = _left_pad(table["history_ratings"].to_pylist(), h, np.nan, np.float32)
+        history = left_pad(table["history"].to_pylist(), h, 0, np.int64)
+        ratings = left_pad(table["history_ratings"].to_pylist(), h, np.nan, np.float32)
         return SplitArrays(
             user_idx=table["user_idx"].to_numpy().astype(np.int64),
             history=history,
@@ -145,7 +145,8 @@ class Dataset:
         return counts
 
 
-def _left_pad(rows: list[list], width: int, fill, dtype) -> np.ndarray:
+def left_pad(rows: list[list], width: int, fill, dtype) -> np.ndarray:
+    """(len(rows), width): each row's last `width` values at the right, `fill` before them (and for None)."""
     out = np.full((len(rows), width), fill, dtype=dtype)
     for i, row in enumerate(rows):
         row = [fill if v is None else v for v in row[-width:]]

@@ -163,7 +163,6 @@ def window_pairs(data: Dataset, tokenizer, cfg: PairsConfig) -> tuple[pa.Table, 
     if win.per_user == 0:
         raise ValueError("windows.per_user is 0: no SFT set to build")
     num_candidates = data.split(PAIRS_SPLIT).candidates.shape[1]
-    history_len = min(data.history_len, cfg.prompt.max_history)
     users = data.tables["users"].select(["user_idx", "train_items", "train_ratings"]).to_pylist()
     chosen_windows: list[tuple[int, int]] = []  # (user row, target position)
     for u, user in enumerate(users):
@@ -178,7 +177,7 @@ def window_pairs(data: Dataset, tokenizer, cfg: PairsConfig) -> tuple[pa.Table, 
         seq, ratings = user["train_items"], user["train_ratings"]
         rng = np.random.default_rng([win.seed, int(user["user_idx"]), pos])
         candidates, target = draw_candidates(rng, int(seq[pos]), set(seq), data.num_items, num_candidates)
-        start = max(0, pos - history_len)
+        start = max(0, pos - data.history_len)
         messages = rerank_messages(data.items, seq[start:pos], ratings[start:pos], candidates, cfg.prompt)
         rows.append((int(user["user_idx"]), "rerank", render(tokenizer, messages), rerank_answer(target),
                      [rerank_answer(c) for c in range(num_candidates) if c != target], None, None))

@@ -122,10 +122,8 @@ class RerankService:
 
     def _sasrec_scores(self, p: ParsedRequest) -> np.ndarray:
         """SASRec's scores of the request's candidates after its last history_len items (left-padded with 0)."""
+        from recalign.data.dataset import left_pad
         from recalign.recsys.train import score_split
 
-        history = np.zeros((1, self.history_len), dtype=np.int64)
-        recent = p.history[-self.history_len:]
-        if recent:
-            history[0, -len(recent):] = recent
+        history = left_pad([p.history], self.history_len, 0, np.int64)
         return score_split(self.sasrec, history, np.asarray([p.candidates], dtype=np.int64))[0].astype(np.float64)
