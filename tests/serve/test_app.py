@@ -381,3 +381,82 @@ def test_a_new_user_config_reloads_the_systems_in_place(endpoint, tiny_llama_dir
         assert serve.status().applications["recalign-reconf"].deployments["Reranker"].replica_states == replicas
     finally:
         serve.delete("recalign-reconf")
+
+
+@pytest.mark.ray
+def test_a_killed_replica_is_replaced_while_clients_retry(endpoint, tiny_llama_dir, ml100k_dir):
+    """Two replicas; one is killed while four clients send requests and retry on a 5xx or a dropped connection.
+    Every request is answered with the ranking it gets from a healthy deployment, and Serve starts a new replica
+    in place of the dead one."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from serve.app import ServeJob, build
+
+    app_name = "recalign-kill"
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{app_name}#")}
+
+    def running() -> int:
+        deployment, = serve.status().applications[app_name].deployments.values()
+        return deployment.replica_states.get("RUNNING", 0)
+
+    def retrying(body, deadline_s=120.0):
+        start, attempts = time.monotonic(), 0
+        while True:
+            attempts += 1
+            try:
+                status, reply = call(f"{endpoint}/kill/v1/rerank", body, key=None)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                status, reply = 599, {"raw": repr(err)}
+            if status < 500 or time.monotonic() - start > deadline_s:
+                return status, reply, attempts
+            time.sleep(0.2 * min(attempts, 5))
+
+    cfg = ServeJob(run_dir=os.path.dirname(ml100k_dir), model=str(tiny_llama_dir), auth="none", replicas=2,
+                   rerank=RerankConfig(max_new_tokens=2))
+    serve.run(build(cfg), name=app_name, route_prefix="/kill")
+    try:
+        bodies = [{"history": [str(h) for h in range(1 + i, 5 + i)], "candidates": [str(c) for c in range(30, 34)]}
+                  for i in range(6)]
+        expected = [[r["item_id"] for r in call(f"{endpoint}/kill/v1/rerank", b, key=None)[1]["ranking"]]
+                    for b in bodies]
+        before = replicas()
+        assert len(before) == 2 and running() == 2, before
+
+        stop, answers = threading.Event(), []
+
+        def client(k):
+            i = k
+            while not stop.is_set():
+                status, reply, attempts = retrying(bodies[i % len(bodies)])
+                answers.append((i % len(bodies), status, reply, attempts))
+                i += 4
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (running() == 2 and replicas() - before):
+            time.sleep(1)
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+
+        after = replicas()
+        assert victim not in after and len(after) == 2 and running() == 2, (before, after)
+        assert len(answers) >= 8, answers
+        for i, status, reply, attempts in answers:
+            assert status == 200, (status, reply, attempts)
+            assert [r["item_id"] for r in reply["ranking"]] == expected[i]
+    finally:
+        serve.delete(app_name)
