@@ -122,3 +122,27 @@ def tiny_adapters(tiny_llama_dir, tmp_path_factory):
         out[f"a{seed}"] = str(root / f"a{seed}")
         out[f"merged{seed}"] = str(root / f"merged{seed}")
     return out
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tiny_llama_dir, ml100k_dir, tmp_path_factory):
+    """The Serve app on the tiny Llama behind the test key (tests.helpers.serve.KEY), over HTTP on a free port of
+    127.0.0.1; one per test module."""
+    from ray import serve
+
+    from recalign.rerank.scorer import RerankConfig
+    from serve.app import ServeJob, build
+    from tests.helpers import free_ports
+    from tests.helpers.serve import KEY
+
+    keys_file = tmp_path_factory.mktemp("keys") / "keys"
+    keys_file.write_text(KEY + "\n")
+    port, = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    try:
+        cfg = ServeJob(run_dir=os.path.dirname(ml100k_dir), model=str(tiny_llama_dir), keys_file=str(keys_file),
+                       rerank=RerankConfig(max_new_tokens=2))
+        serve.run(build(cfg), name="recalign-test", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
