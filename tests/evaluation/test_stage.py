@@ -164,3 +164,44 @@ def test_fusion_and_validation_pick_the_informed_re_ranker(tmp_path, monkeypatch
     # a second evaluation reads every re-ranker from its cache, the validation ones too
     evaluate_run(run, cfg, "", policies, [], log=lambda _: None)
     assert len(calls) == 4
+
+
+def test_another_run_s_policies_are_scored_with_the_prompt_they_were_trained_on(tmp_path, monkeypatch):
+    """transfer_from: the source run's finished re-rank policies are systems of this run, each prompted as its run's
+    pairs were; this run has no pairs stage, so its zero-shot is prompted the same way and the two compare."""
+    from recalign.errors import MissingInputError
+    from recalign.evaluation import stage
+    from recalign.prompts import PromptConfig
+    from recalign.sampling.engines import EngineConfig
+
+    source = tiny_run(tmp_path / "a", name="source")
+    trained = PromptConfig(max_history=3, show_ratings=False, show_genres=False)
+    io.write_json({"prompt": to_dict(trained)}, source.dir("pairs", "config.json"))
+    for label in ("sft", "sft+sdpo"):
+        _published(source, "rerank", label)
+    run = tiny_run(tmp_path / "b", name="target")
+    publish_random_sasrec(run)
+    calls = []
+
+    def fake_llm_system(data, cfg, prompt, split, sub, model_path, policy, split_name=""):
+        calls.append((policy.name, policy.adapter, prompt, split_name or cfg.eval.split))
+        scores = np.random.default_rng(len(calls)).normal(size=(len(sub), split.candidates.shape[1]))
+        return {**stage._metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics),
+                "scores": scores.tolist()}
+
+    monkeypatch.setattr(stage, "_llm_system", fake_llm_system)
+    cfg = FinalEvalConfig(eval=EvalConfig(num_resamples=50), llm_users=0, valid_users=-1,
+                          transfer_from=source.dir(), transfer_policies=["sft+sdpo"])
+    stage.evaluate_stage(run, cfg, "", EngineConfig(), log=lambda _: None)
+    assert [(name, adapter, prompt) for name, adapter, prompt, _ in calls] == [
+        ("llm zero-shot", None, trained),
+        ("llm sft+sdpo (from source)", source.dir("policy", "rerank", "sft+sdpo"), trained)]
+    summary = io.read_json(run.dir("eval", "metrics.json"))
+    assert summary["systems"]["llm sft+sdpo (from source)"]["num_rows"] == Dataset(run.dir("data")).num_users
+    assert ("llm sft+sdpo (from source)", "llm zero-shot") in {(c["system"], c["baseline"])
+                                                              for c in summary["comparisons"]}
+
+    with pytest.raises(MissingInputError, match=r"eval.transfer_from=.*: no finished re-rank policy sft\+dmpo .*"
+                                                r"it has sft, sft\+sdpo"):
+        stage.evaluate_stage(run, FinalEvalConfig(transfer_from=source.dir(), transfer_policies=["sft+dmpo"]), "",
+                             EngineConfig(), log=lambda _: None)

@@ -18,6 +18,13 @@ def test_presets_use_one_model_for_every_stage(preset):
     assert list(cfg.stages) == list(pipeline.STAGES)
 
 
+def test_the_ml1m_preset_scores_the_demo_s_best_re_ranker_on_ml1m_users():
+    cfg = pipeline.parse(["preset=ml1m"])
+    assert (cfg.run.name, cfg.data.source, list(cfg.stages)) == ("ml1m", "ml-1m", ["data", "sasrec", "evaluate"])
+    assert cfg.eval.transfer_from == "runs/demo" and cfg.eval.transfer_policies == ["sft+sdpo"]
+    assert cfg.model == pipeline.parse(["preset=demo"]).model, "the adapters need the demo's base model"
+
+
 def test_bad_preset_or_stage_is_a_config_error():
     with pytest.raises(ConfigError, match="preset=nope: unknown preset"):
         pipeline.parse(["preset=nope"])

