@@ -33,10 +33,9 @@ from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_example
 from recalign.align.losses import listwise_loss, preference_loss, reward_stats
+from recalign.align.records import PREFERENCE, SFT, add_sums, global_record, log_scalars, scalars, summary_writer
 from recalign.distributed import check_in_sync
 from recalign.tracking import MlflowRun, worker_session
-
-SFT, PREFERENCE = "sft", "preference"
 
 
 @dataclass
@@ -139,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
     plan = Plan.build(len(examples), cfg, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
-    writer = _writer(tb_dir, state.step) if rank == 0 else None
+    writer = summary_writer(tb_dir, state.step) if rank == 0 else None
 
     if state.step >= plan.total_steps:  # a re-run of a finished run: report its state again
         _report(state, plan, model, rank, world, tb_dir)
@@ -164,7 +163,7 @@ def train_loop(config: dict[str, Any]) -> None:
         micro = plan.micro_batches(state.step, rank, world, cfg.gradient_accumulation_steps, cfg.seed)
         sums = train_step(scorer, model, optimizer, examples, micro, cfg, pad_id, device, phase, state.reference,
                           trainable)
-        record = _global_record(sums, time.perf_counter() - start, phase, state.step + 1, lr, device)
+        record = global_record(sums, time.perf_counter() - start, phase, state.step + 1, lr, device)
         state.step += 1
         state.history.append(record)
         if rank == 0 and (state.step % max(1, plan.total_steps // 10) == 0 or state.step == plan.total_steps):
@@ -175,7 +174,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"[align] step {state.step}/{plan.total_steps} ({phase}): loss {record['loss']:.4f}{accuracy}, "
                 f"{record['step_seconds']:.1f}s/step")
         if writer is not None:
-            _log_scalars(writer, record)
+            log_scalars(writer, record)
         if state.step % cfg.save_steps == 0 or state.step == plan.total_steps or state.step == plan.sft_steps:
             state.optimizer = optimizer.state_dict()
             if writer is not None:
@@ -230,7 +229,7 @@ def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConf
     sums: dict[str, float] = {}
     for i, rows in enumerate(micro_batches):
         with autocast(cfg, device):
-            _add(sums, **_micro_batch(scorer, model, examples, rows, i == len(micro_batches) - 1,
+            add_sums(sums, **_micro_batch(scorer, model, examples, rows, i == len(micro_batches) - 1,
                                       len(micro_batches), cfg, pad_id, device, phase, reference))
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -344,52 +343,3 @@ def _report(state: TrainState, plan: Plan, model, rank: int, world: int, tb_dir:
         if os.path.isdir(tb_dir):
             shutil.copytree(tb_dir, os.path.join(tmp, "tensorboard"))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _global_record(sums: dict[str, float], seconds: float, phase: str, step: int, lr: float, device) -> dict:
-    """Metric sums of all workers -> the step's global means (identical on every worker)."""
-    import torch.distributed as dist
-
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys] + [seconds], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        seconds_max = values[-1:].clone()
-        dist.all_reduce(values)
-        dist.all_reduce(seconds_max, op=dist.ReduceOp.MAX)
-        values[-1] = seconds_max[0]
-    total = dict(zip(keys + ["seconds"], values.cpu().tolist()))
-    n = max(total["examples"], 1.0)
-    record = {"phase": phase, "step": step, "lr": lr, "loss": total["loss_sum"] / n,
-              "step_seconds": total["seconds"], "tokens_per_s": total["sequence_tokens"] / total["seconds"]}
-    if "top1_sum" in total:
-        record["top1_accuracy"] = total["top1_sum"] / n
-    if phase == PREFERENCE:
-        record.update(reward_accuracy=total["accuracy_sum"] / n, reward_accuracy_all=total["accuracy_all_sum"] / n,
-                      rewards_chosen=total["chosen_sum"] / n, rewards_rejected=total["rejected_sum"] / n,
-                      reward_margin=total["margin_sum"] / n)
-    return record
-
-
-def scalars(record: dict) -> dict[str, float]:
-    """A step record as the scalars TensorBoard and MLflow show: train/loss, sft/loss, train/reward_margin, ..."""
-    prefix = "sft" if record["phase"] == SFT else "train"
-    return {f"{prefix}/{key}": value for key, value in record.items() if key not in ("phase", "step")}
-
-
-def _log_scalars(writer, record: dict) -> None:
-    for tag, value in scalars(record).items():
-        writer.add_scalar(tag, value, record["step"])
-
-
-def _writer(tb_dir: str, step: int):
-    from torch.utils.tensorboard import SummaryWriter
-
-    os.makedirs(tb_dir, exist_ok=True)
-    # Records are logged at step = steps done (1, 2, ...); purge_step drops what a crashed attempt logged
-    # after the checkpoint we resume from, so TensorBoard shows each step once.
-    return SummaryWriter(tb_dir, purge_step=step + 1 if step > 0 else None, flush_secs=10)
-
-
-def _add(sums: dict[str, float], **values: float) -> None:
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0.0) + float(value)
