@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 
 import pytest
 
 from tests.helpers import REPO, free_ports
 from tests.helpers.s3 import moto_server, s3_env
+from tests.helpers.serve import KEY, call
 
 ROOT = "s3://recalign-test/runs"
 RUN = "recalign-test/runs/smoke"
@@ -84,28 +85,33 @@ def test_the_smoke_pipeline_on_s3_resumes_and_serves_from_there(tmp_path):
 
         # 3. Serve loads the base model and the adapter from S3.
         port = free_ports(1)[0]
+        log = tempfile.TemporaryFile(mode="w+")  # not under tmp_path: that holds only the node cache
         server = subprocess.Popen([sys.executable, os.path.join(REPO, "serve", "app.py"), f"run_dir={ROOT}/smoke",
                                    "model=tiny", "adapter=policy/rerank/sft+sdpo", f"port={port}"],
-                                  env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  env={**env, "RECALIGN_API_KEYS": KEY}, cwd=tmp_path, start_new_session=True,
+                                  stdout=log, stderr=subprocess.STDOUT)
         try:
-            body = json.dumps({"history": ["50", "172", "133"], "ratings": [5, 4, 3],
-                               "candidates": ["1", "2", "3", "4"]}).encode()
+            body = {"history": ["50", "172", "133"], "ratings": [5, 4, 3], "candidates": ["1", "2", "3", "4"]}
             deadline = time.time() + 600
             while True:
                 try:
-                    request = urllib.request.Request(f"http://127.0.0.1:{port}/rerank", data=body, method="POST")
-                    reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
-                    break
+                    status, reply = call(f"http://127.0.0.1:{port}/v1/rerank", body)
+                    if status == 200:
+                        break
                 except OSError:
-                    assert server.poll() is None, "the Serve app exited"
-                    assert time.time() < deadline, "the Serve app never answered"
-                    time.sleep(3)
+                    pass
+                if server.poll() is not None:
+                    log.seek(0)
+                    pytest.fail("the Serve app exited:\n" + log.read()[-3000:])
+                assert time.time() < deadline, "the Serve app never answered"
+                time.sleep(3)
             assert sorted(r["item_id"] for r in reply["ranking"]) == ["1", "2", "3", "4"], reply
-            assert "sft+sdpo" in reply.get("model", ""), reply
+            assert reply["system"] == "llm:sft+sdpo", reply
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+            log.close()
