@@ -33,10 +33,10 @@ run: venv
 	PYTHONUNBUFFERED=1 $(PY) jobs/pipeline.py preset=$(PRESET)
 
 test: venv
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=25
 
 test-all: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Speed benchmarks (minutes each; run them on a quiet machine). Results land in runs/bench/.
 bench: venv

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     spec = TrialSpec(align=cfg.align, model_path=model_path, pairs_uris=[pairs_uri], prompts=prompts,
                      target_index=target_index, num_candidates=num_candidates,
                      rerank=cfg.rerank, rungs=cfg.sweep.rungs, out_root=cfg.run.dir("sweep", "trials"),
-                     storage_path=cfg.run.dir("ray"), init_adapter=init_adapter)
+                     storage_path=cfg.run.dir("ray"), init_adapter=init_adapter,
+                     item_table=cfg.run.dir("baselines", "sasrec") if rerank_prompt(cfg.run).item_tokens != "none"
+                     else "")
     init_hash = hashlib.sha256(io.read_bytes(io.join(init_adapter, "adapter_model.safetensors"))).hexdigest() \
         if init_adapter else ""
     name = sweep_name(cfg, model_path, init_hash, hashlib.sha256(io.read_bytes(pairs_uri)).hexdigest())

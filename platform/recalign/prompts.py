@@ -11,6 +11,7 @@ The wording states the real counts (history and candidates), never a fixed "10 t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
@@ -23,6 +24,11 @@ from recalign.config import option
 
 LETTERS = string.ascii_uppercase
 
+# An item's collaborative (soft) token in a re-rank prompt: recalign.llm.collab embeds it from the item's
+# recommender embedding; the text never reaches a tokenizer as such.
+ITEM_PATTERN = re.compile(r"<item:(\d+)>")
+ITEM_TOKENS = ("none", "hybrid", "ids")
+
 SYSTEM = "You are an expert movie recommender who reads viewing histories carefully."
 
 
@@ -31,6 +37,16 @@ class PromptConfig:
     max_history: int = option(20, "most recent items shown in a prompt (<= the protocol's history_len)")
     show_ratings: bool = option(True, "each history item shows the user's rating")
     show_genres: bool = option(True, "each item shows its genres (prompts about twice as long)")
+    item_tokens: str = option("none", "re-rank prompts: none (titles) | hybrid (a collaborative token after each "
+                                      "title, LLaRA) | ids (collaborative tokens and letters, no titles)")
+
+    def __post_init__(self) -> None:
+        if self.item_tokens not in ITEM_TOKENS:
+            raise ValueError(f"item_tokens must be one of {list(ITEM_TOKENS)}, got {self.item_tokens!r}")
+
+
+def item_marker(item_idx: int) -> str:
+    return f"<item:{int(item_idx)}>"
 
 
 # MovieLens writes "Usual Suspects, The"; a language model reads "The Usual Suspects" far better.
@@ -60,6 +76,14 @@ def describe_item(items: pd.DataFrame, item_idx: int, show_genres: bool = True) 
     return text
 
 
+def item_text(items: pd.DataFrame, item_idx: int, cfg: PromptConfig) -> str:
+    """An item as a prompt shows it: its description, then its collaborative token (hybrid), or that alone (ids)."""
+    if cfg.item_tokens == "ids":
+        return item_marker(item_idx)
+    text = describe_item(items, item_idx, cfg.show_genres)
+    return f"{text} {item_marker(item_idx)}" if cfg.item_tokens == "hybrid" else text
+
+
 def history_lines(items: pd.DataFrame, history: Sequence[int], ratings: Sequence[float] | None,
                   cfg: PromptConfig) -> list[str]:
     """One line per watched item, oldest first; padding (0) is skipped."""
@@ -67,7 +91,7 @@ def history_lines(items: pd.DataFrame, history: Sequence[int], ratings: Sequence
     pairs = pairs[-cfg.max_history:]
     lines = []
     for n, (item, rating) in enumerate(pairs, start=1):
-        line = f"{n}. {describe_item(items, item, cfg.show_genres)}"
+        line = f"{n}. {item_text(items, item, cfg)}"
         if cfg.show_ratings and rating is not None and not math.isnan(float(rating)):
             line += f" - rated {float(rating):g}/5"
         lines.append(line)
@@ -76,7 +100,8 @@ def history_lines(items: pd.DataFrame, history: Sequence[int], ratings: Sequence
 
 def knowledge_messages(items: pd.DataFrame, history: Sequence[int], ratings: Sequence[float] | None,
                        cfg: PromptConfig) -> list[dict[str, str]]:
-    lines = history_lines(items, history, ratings, cfg)
+    """The sampling prompt; always titles (an analysis is generated as text, no collaborative token)."""
+    lines = history_lines(items, history, ratings, dataclasses.replace(cfg, item_tokens="none"))
     user = (
         f"Here are the {len(lines)} movies a user watched most recently, oldest first"
         + (", with the user's ratings" if cfg.show_ratings else "") + ":\n"
@@ -92,15 +117,15 @@ def rerank_messages(items: pd.DataFrame, history: Sequence[int], ratings: Sequen
     if len(candidates) > len(LETTERS):
         raise ValueError(f"rerank prompt supports at most {len(LETTERS)} candidates, got {len(candidates)}")
     lines = history_lines(items, history, ratings, cfg)
-    options = [f"{LETTERS[i]}. {describe_item(items, c, cfg.show_genres)}" for i, c in enumerate(candidates)]
+    options = [f"{LETTERS[i]}. {item_text(items, c, cfg)}" for i, c in enumerate(candidates)]
     user = (
         f"Here are the {len(lines)} movies a user watched most recently, oldest first"
         + (", with the user's ratings" if cfg.show_ratings else "") + ":\n"
         + "\n".join(lines)
         + f"\n\nHere are {len(candidates)} candidate movies, labelled {LETTERS[0]} to {LETTERS[len(candidates) - 1]}:\n"
         + "\n".join(options)
-        + "\n\nWhich candidate will the user watch next? Answer with the letter of exactly one candidate, "
-          "then its title."
+        + "\n\nWhich candidate will the user watch next? Answer with the letter of exactly one candidate"
+        + ("." if cfg.item_tokens == "ids" else ", then its title.")
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 

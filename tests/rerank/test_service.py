@@ -107,3 +107,21 @@ def test_sasrec_and_fusion_services_score_as_evaluation_does(service, tiny_llama
         RerankService(data.items, loader, RerankConfig(), service.prompt_cfg, sasrec=sasrec)
     with pytest.raises(ValueError, match="needs an LLM loader"):
         RerankService(data.items, None, RerankConfig(), service.prompt_cfg)
+
+
+def test_a_hybrid_policy_reads_item_tokens_and_the_base_model_titles(tiny_llama_dir, ml100k_dir, tmp_path):
+    from recalign.llm.collab import CollabLM
+    from tests.helpers.collab import save_collab_adapter
+
+    data = Dataset(ml100k_dir)
+    save_collab_adapter(tiny_llama_dir, data.num_items, tmp_path)
+    hybrid = PromptConfig(max_history=10, show_genres=False, item_tokens="hybrid")
+    request = {"history": ["50", "172", "133"], "ratings": [5, 4, 3], "candidates": ["1", "2", "3"]}
+    served = RerankService(data.items, functools.partial(load_policy, str(tiny_llama_dir), str(tmp_path)),
+                           RerankConfig(max_new_tokens=1), hybrid, model_name="hybrid")
+    assert isinstance(served.scorer.model, CollabLM) and "<item:" in served.prompt(served.parse(request))
+    assert sorted(r["item_id"] for r in served.rerank([request])[0]["ranking"]) == ["1", "2", "3"]
+    base = RerankService(data.items, functools.partial(load_policy, str(tiny_llama_dir)), RerankConfig(max_new_tokens=1),
+                         hybrid, model_name="tiny")
+    assert "<item:" not in base.prompt(base.parse(request)), "a policy without a projector is prompted with titles"
+    assert len(base.rerank([request])[0]["ranking"]) == 3

@@ -66,11 +66,13 @@ def encode_example(tokenizer, prompt: str, completions: list[str], max_prompt_to
     than max_prompt_tokens keeps its end (the assistant header must stay); a completion longer than
     max_completion_tokens keeps its start (and loses its EOS). Re-rank completions are a letter alone
     and take no EOS: the loss is then the log-probability of the letter token, the quantity the
-    re-ranker scores.
+    re-ranker scores. An item marker (<item:N>) in the prompt becomes the id -N (`recalign.llm.collab`).
     """
     if add_eos and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id; the completions need one")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    from recalign.llm.collab import encode_prompt
+
+    prompt_ids = encode_prompt(tokenizer, prompt)[-max_prompt_tokens:]  # -item where a collaborative token is
     completion_ids = []
     for text in completions:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])

@@ -35,6 +35,7 @@ from recalign.align.logprobs import SCORERS, PolicyScorer, collate, encode_examp
 from recalign.align.losses import listwise_loss, preference_loss, reward_stats
 from recalign.align.records import PREFERENCE, SFT, add_sums, global_record, log_scalars, scalars, summary_writer
 from recalign.distributed import check_in_sync
+from recalign.llm.collab import CollabLM, peft_of
 from recalign.tracking import MlflowRun, worker_session
 
 
@@ -48,6 +49,7 @@ class AlignSpec:
     tensorboard_dir: str = ""  # rank 0's live event dir; empty = a worker-local temp dir
     init_adapter: str = ""  # LoRA adapter folder the policy starts from (and the reference is); empty = fresh LoRA
     mlflow: MlflowRun | None = None  # the driver's MLflow run that rank 0 logs params and metrics into; None = off
+    item_table: str = ""  # SASRec model folder whose item embeddings feed the prompts' collaborative tokens; "" = none
 
 
 @dataclass
@@ -127,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode_pairs(tokenizer, load_pairs(spec.pairs_uris, cfg.negatives_loaded, cfg.max_examples, cfg.seed),
                             cfg)
-    model = build_policy(model_path, cfg, device, spec.init_adapter)
+    model = build_policy(model_path, cfg, device, spec.init_adapter, spec.item_table)
     tb_dir = spec.tensorboard_dir or os.path.join(tempfile.gettempdir(), f"recalign-tb-{os.getpid()}")
     state = restore(ray.train.get_checkpoint(), model, tb_dir if rank == 0 else None)
     state.starts.append(state.step)
@@ -152,8 +154,10 @@ def train_loop(config: dict[str, Any]) -> None:
             state.phase = phase
         # The reference is the policy as the preference phase starts: the base model (adapter off), or the
         # SFT-warmed / initial adapter, whose log-probs must be taken now because the adapter moves on.
+        # A trained projector also moves the reference's soft tokens: it is taken once, as the phase starts.
         starts_from_adapter = plan.sft_steps > 0 or bool(spec.init_adapter)
-        if phase == PREFERENCE and state.reference is None and (cfg.precompute_ref_log_probs or starts_from_adapter):
+        fixed = cfg.precompute_ref_log_probs or starts_from_adapter or bool(spec.item_table)
+        if phase == PREFERENCE and state.reference is None and fixed:
             state.reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device,
                                                    adapter=starts_from_adapter)
         lr = plan.learning_rate(state.step, cfg)
@@ -199,8 +203,10 @@ def encode_pairs(tokenizer, pairs, cfg: AlignConfig) -> list:
                            cfg.max_completion_length, add_eos=e.path != "rerank") for e in pairs]
 
 
-def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = ""):
-    """The base causal LM with a fresh LoRA adapter (seeded), or the weights of `init_adapter`, on `device`."""
+def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_adapter: str = "",
+                 item_table: str = ""):
+    """The base causal LM with a fresh LoRA adapter (seeded), or the weights of `init_adapter`, on `device`; with
+    `item_table` (a SASRec folder), a `CollabLM` around it whose projector is fresh or `init_adapter`'s."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
     from transformers import AutoModelForCausalLM
@@ -219,7 +225,16 @@ def build_policy(model_path: str, cfg: AlignConfig, device: torch.device, init_a
         if result.unexpected_keys or missing:
             raise ValueError(f"{init_adapter}: adapter does not fit the LoRA modules (unexpected "
                              f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
-    return model.to(device)
+    model = model.to(device)
+    if not item_table:
+        return model
+    from recalign.recsys.train import load_model
+
+    collab = CollabLM.fresh(model, load_model(item_table).item_emb.weight.detach(), cfg.seed)
+    if init_adapter:
+        with io.local_copy(init_adapter) as local:
+            collab.load_projector(local)
+    return collab
 
 
 def train_step(scorer, model, optimizer, examples, micro_batches, cfg: AlignConfig, pad_id: int, device,
@@ -317,7 +332,9 @@ def restore(checkpoint, model, tb_dir: str | None) -> TrainState:
 
     with checkpoint.as_directory() as ckpt_dir:
         weights = load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors"))
-        set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(peft_of(model), weights)
+        if isinstance(model, CollabLM):
+            model.load_projector(os.path.join(ckpt_dir, "adapter"))
         saved = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)
         events = os.path.join(ckpt_dir, "tensorboard")
         if tb_dir and os.path.isdir(events):  # a worker on another node starts from the checkpoint's events

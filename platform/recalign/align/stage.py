@@ -22,7 +22,7 @@ from recalign.align.config import AlignConfig, PoliciesConfig
 from recalign.align.trainer import ADAPTER_FILES, train_policy
 from recalign.config import fingerprint
 from recalign.errors import MissingInputError
-from recalign.pairs.stage import sft_pairs
+from recalign.pairs.stage import rerank_prompt, sft_pairs
 from recalign.runs import Log, RunSpec, learning_key, run_stage, slug
 from recalign.tracking import MlflowTarget
 
@@ -61,6 +61,12 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
         sweep_best = load_best(run.dir("sweep"))
         log(f"[align] from the sweep: beta={sweep_best.beta:g}, num_negatives={sweep_best.num_negatives}")
     plan = plan_policies(cfg, sweep_best)
+    # Re-rank prompts with collaborative tokens (pairs.prompt.item_tokens) embed the run's SASRec items.
+    collab = "rerank" in cfg.paths and rerank_prompt(run).item_tokens != "none"
+    sasrec = run.dir("baselines", "sasrec")
+    if collab and not io.exists(io.join(sasrec, "model.pt")):
+        raise MissingInputError(f"{sasrec}/model.pt: missing; the re-rank prompt has collaborative tokens "
+                                f"(item_tokens={rerank_prompt(run).item_tokens}): run the sasrec stage first")
     summaries = {}
     for number, (label, align, init) in enumerate(plan, start=1):
         path = label.split("/")[0]
@@ -71,37 +77,42 @@ def policies_stage(run: RunSpec, cfg: PoliciesConfig, model_path: str, log: Log 
         log(f"[align] policy {number}/{len(plan)}: {label}")
         summaries[label] = policy_stage(run, align, model_path, [pairs], log, force, name=label,
                                         init_adapter=run.dir("policy", *init.split("/")) if init else "",
-                                        tracking=tracking)
+                                        tracking=tracking, item_table=sasrec if collab and path == "rerank" else "")
     return summaries
 
 
-def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "") -> str:
+def policy_key(cfg: AlignConfig, model_path: str, pairs_uris: list[str], init_adapter: str = "",
+               item_table: str = "") -> str:
     """Fingerprint of everything the published policy depends on (not workers, fault tolerance or tracking:
-    MLflow settings are no AlignConfig field, they reach `policy_stage` beside it)."""
+    MLflow settings are no AlignConfig field, they reach `policy_stage` beside it); the SASRec weights when the
+    prompts have collaborative tokens."""
     train = learning_key(cfg)
     config = io.join(model_path if "://" in model_path else os.path.abspath(model_path), "config.json")
     model = hashlib.sha256(io.read_bytes(config)).hexdigest()
     pairs = [hashlib.sha256(io.read_bytes(u)).hexdigest() for u in pairs_uris]
     init = hashlib.sha256(io.read_bytes(io.join(init_adapter, ADAPTER_FILES[1]))).hexdigest() if init_adapter else ""
-    return fingerprint({"train": train, "model": model, "pairs": pairs, "init": init})
+    key = {"train": train, "model": model, "pairs": pairs, "init": init}
+    if item_table:
+        key["items"] = hashlib.sha256(io.read_bytes(io.join(item_table, "model.pt"))).hexdigest()
+    return fingerprint(key)
 
 
 def policy_stage(run: RunSpec, cfg: AlignConfig, model_path: str, pairs_uris: list[str], log: Log = print,
                  force: bool = False, name: str = "", init_adapter: str = "",
-                 tracking: MlflowTarget | None = None) -> dict[str, Any]:
+                 tracking: MlflowTarget | None = None, item_table: str = "") -> dict[str, Any]:
     """`runs/<name>/policy/<name or loss_type>/`, skipped when up to date; Ray storage under `runs/<name>/ray`.
 
     `name` may hold a slash (`rerank/sft+sdpo`): the pipeline keeps one folder per path and policy.
     `tracking`: where the training logs to MLflow; None = nowhere.
     """
     label = name or cfg.loss_type
-    key = policy_key(cfg, model_path, pairs_uris, init_adapter)
+    key = policy_key(cfg, model_path, pairs_uris, init_adapter, item_table)
     out_dir = run.dir("policy", *label.split("/"))
 
     def train() -> dict[str, Any]:
         summary = train_policy(cfg, model_path, pairs_uris, out_dir, storage_path=run.dir("ray"),
                                name=f"policy-{slug(label)}-{key}", log=log,
-                               init_adapter=init_adapter, tracking=tracking)
+                               init_adapter=init_adapter, tracking=tracking, item_table=item_table)
         return {k: summary[k] for k in ("loss_type", "num_negatives", "examples", "steps", "sft_steps", "starts",
                                         "seconds", "final")}
 

@@ -46,6 +46,7 @@ class TrialSpec:
     hooks: list = field(default_factory=list)  # per-step hooks passed to train_policy (fault injection in tests)
     init_adapter: str = ""  # LoRA adapter every trial starts from and is the reference (the SFT policy); "" = none
     scorer: Callable[[str], dict[str, float]] | None = None  # adapter dir -> metrics; None = the letter re-ranker
+    item_table: str = ""  # SASRec folder of the prompts' collaborative tokens (recalign.llm.collab); "" = none
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def trial(config: dict[str, Any], spec: TrialSpec) -> None:
                                   num_negatives=int(config["num_negatives"]), num_train_epochs=rung, max_steps=0)
         summary = train_policy(cfg=cfg, model_path=spec.model_path, pairs_uris=spec.pairs_uris, out_dir=out_dir,
                                storage_path=spec.storage_path, name=f"sweep-{trial_id}", hooks=spec.hooks,
-                               log=lambda _: None, init_adapter=spec.init_adapter)
+                               log=lambda _: None, init_adapter=spec.init_adapter, item_table=spec.item_table)
         scores = spec.scorer(out_dir) if spec.scorer else letter_ranker_metrics(
             spec.model_path, out_dir, spec.prompts, spec.target_index, spec.num_candidates, spec.rerank)
         final = summary.get("final", {})

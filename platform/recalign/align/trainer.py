@@ -25,6 +25,7 @@ from recalign import io
 from recalign.align.config import AlignConfig
 from recalign.align.loop import AlignSpec
 from recalign.errors import MissingInputError
+from recalign.llm.collab import COLLAB_FILE
 from recalign.runs import Log
 from recalign.tracking import MlflowRun, MlflowTarget, connect, end_run, start_run
 
@@ -56,7 +57,7 @@ class CrashOnce:
 
 def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_dir: str, storage_path: str,
                  name: str, hooks: list[Callable[[int, int], None]] | None = None, log: Log = print,
-                 init_adapter: str = "", tracking: MlflowTarget | None = None) -> dict[str, Any]:
+                 init_adapter: str = "", tracking: MlflowTarget | None = None, item_table: str = "") -> dict[str, Any]:
     """Train a LoRA policy on the pairs under a TorchTrainer; publish it to `out_dir`; return metrics.
 
     `name` + `storage_path` identify the Ray Train run (checkpoints, TensorBoard): a re-run with the
@@ -64,6 +65,8 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     `hooks` are called on every worker after every optimizer step as hook(step, rank).
     `init_adapter` (a published SFT policy, say) is where the LoRA weights start; the reference policy is
     then that adapter, not the bare base model.
+    `item_table` (a SASRec folder): the prompts' collaborative tokens (`recalign.llm.collab`) embed its items
+    through a projector trained with the LoRA weights and published beside them (collab.safetensors).
     out_dir gets adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained),
     metrics.json (summary and per-step history) and tensorboard/.
     `tracking`: the MLflow run of `name` (one per Ray Train run, kept across its restarts and re-runs) gets
@@ -81,6 +84,9 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     num_examples = len(load_pairs(pairs_uris, cfg.negatives_loaded, cfg.max_examples, cfg.seed))
     if init_adapter:
         check_adapter(init_adapter, cfg)
+        if item_table and not io.exists(io.join(init_adapter, COLLAB_FILE)):
+            raise MissingInputError(f"{init_adapter}: no {COLLAB_FILE}; a policy with collaborative tokens starts "
+                                    "from one trained with them (or from none)")
     tb_dir = io.join(storage_path, name, "tensorboard") if "://" not in storage_path else ""
     if init_adapter and io.is_local(init_adapter):
         init_adapter = os.path.abspath(init_adapter)  # workers may run in another directory
@@ -88,7 +94,9 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     label = cfg.loss_type if cfg.num_train_epochs or cfg.max_steps else "sft"
     mlflow_run = start_run(tracking, name, {"label": label, "model_path": model_path,
                                             "init_adapter": init_adapter}) if tracking else None
-    spec = AlignSpec(cfg, model_path, list(pairs_uris), tb_dir, init_adapter, mlflow_run)
+    if item_table and io.is_local(item_table):
+        item_table = os.path.abspath(item_table)
+    spec = AlignSpec(cfg, model_path, list(pairs_uris), tb_dir, init_adapter, mlflow_run, item_table)
     log(f"[align/{label}] {num_examples} examples, K={cfg.num_negatives}, {cfg.num_workers} workers, "
         f"run {name} in {storage_path}" + (f", MLflow {tracking.tracking_uri}" if mlflow_run else ""))
     start = time.time()
@@ -111,6 +119,11 @@ def train_policy(cfg: AlignConfig, model_path: str, pairs_uris: list[str], out_d
     log(f"[align/{label}] {summary['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
         f"reward accuracy {final.get('reward_accuracy', float('nan')):.3f}, started at steps {summary['starts']}")
     return summary
+
+
+def adapter_files(adapter_dir: str) -> list[str]:
+    """The files a published policy holds: the PEFT adapter, and the projector when it has collaborative tokens."""
+    return [*ADAPTER_FILES, *([COLLAB_FILE] if os.path.exists(os.path.join(adapter_dir, COLLAB_FILE)) else [])]
 
 
 def check_adapter(adapter_dir: str, cfg: AlignConfig) -> None:
@@ -150,7 +163,7 @@ def _summary(ckpt_dir: str, spec: AlignSpec, num_examples: int, seconds: float) 
 def publish(ckpt_dir: str, out_dir: str, summary: dict[str, Any]) -> None:
     """Adapter + metrics.json + tensorboard/ into out_dir (io.replace_dir: locally a full sibling, then a rename)."""
     with tempfile.TemporaryDirectory() as staging:
-        for fname in ADAPTER_FILES:
+        for fname in adapter_files(os.path.join(ckpt_dir, "adapter")):
             shutil.copy2(os.path.join(ckpt_dir, "adapter", fname), os.path.join(staging, fname))
         if os.path.isdir(os.path.join(ckpt_dir, "tensorboard")):
             shutil.copytree(os.path.join(ckpt_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
@@ -163,7 +176,7 @@ def _log_published(run: MlflowRun, ckpt_dir: str, summary: dict[str, Any]) -> No
     mlflow_client = connect(run.tracking_uri)
     with tempfile.TemporaryDirectory() as staging:
         os.makedirs(os.path.join(staging, "adapter"))
-        for fname in ADAPTER_FILES:
+        for fname in adapter_files(os.path.join(ckpt_dir, "adapter")):
             shutil.copy2(os.path.join(ckpt_dir, "adapter", fname), os.path.join(staging, "adapter", fname))
         io.write_json(summary, os.path.join(staging, "metrics.json"))
         mlflow_client.log_artifacts(run.run_id, staging)

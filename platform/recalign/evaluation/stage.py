@@ -27,6 +27,7 @@ from recalign.config import fingerprint, to_dict
 from recalign.data.dataset import Dataset
 from recalign.evaluation.compare import compare_systems
 from recalign.evaluation.config import FinalEvalConfig
+from recalign.llm.collab import has_projector, prompt_for
 from recalign.llm.policy import load_policy, model_fingerprint
 from recalign.pairs.stage import rerank_prompt
 from recalign.prompts import PromptConfig
@@ -319,7 +320,8 @@ def _llm_system(data: Dataset, cfg: FinalEvalConfig, prompt: PromptConfig, split
     free-generation metrics and its letter logits per row (fusion reads them)."""
     loader = functools.partial(load_policy, model_path, policy.adapter, cfg.rerank.dtype)
     _, tokenizer = load_policy(model_path) if policy.adapter else loader()
-    texts = build_prompts(data, split_name or cfg.eval.split, sub, tokenizer, prompt)
+    texts = build_prompts(data, split_name or cfg.eval.split, sub, tokenizer,
+                          prompt_for(prompt, has_projector(policy.adapter)))
     logits, answers = score_rows_with_ray(dict(zip(sub.tolist(), texts)), loader, split.candidates.shape[1], cfg.rerank)
     scores = np.stack([logits[r] for r in sub.tolist()])
     result = _metric_rows(scores, split.target_index[sub], sub, cfg.eval.metrics)

@@ -102,7 +102,12 @@ class LetterScorer:
     def _score_locked(self, texts: list[str], generate: bool) -> tuple[np.ndarray, list[str]]:
         import torch
 
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        from recalign.llm.collab import CollabLM, encode_prompts
+
+        enc = encode_prompts(self.tokenizer, texts, self.device)
+        if bool((enc["input_ids"] < 0).any()) and not isinstance(self.model, CollabLM):
+            raise ValueError("the prompts hold collaborative item tokens (<item:N>) but this policy has no "
+                             "projector (collab.safetensors beside its adapter): prompt it with item_tokens=none")
         head = self.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
         # The answer position's final hidden state, as the prefill feeds it to the LM head. The letter
