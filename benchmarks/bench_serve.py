@@ -19,20 +19,16 @@ import json
 import os
 import socket
 import statistics
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "platform"), os.path.join(ROOT, "jobs")]
+from common import run_parser  # noqa: E402  (puts the repository on sys.path first)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="runs/bench", help="a run with data/ (python jobs/prepare.py "
-                                                                 "run.name=bench)")
+    parser = run_parser(__doc__)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--seconds", type=float, default=60.0, help="load phase length per concurrency")
     parser.add_argument("--concurrency", default="1,4,16")

@@ -102,7 +102,7 @@ def sweep_name(cfg: SweepJob, model_path: str, init_hash: str, pairs_hash: str) 
     Tune stores its TuneConfig and RunConfig)."""
     sweep = {k: v for k, v in learning_key(cfg.sweep).items() if k != "max_concurrent"}
     align = learning_key(cfg.align)
-    return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": to_dict(cfg.rerank),
+    return "sweep-" + fingerprint({"sweep": sweep, "align": align, "init": init_hash, "rerank": cfg.rerank.key(),
                                    "prompt": to_dict(rerank_prompt(cfg.run)),
                                    "model": model_path, "pairs": pairs_hash})
 

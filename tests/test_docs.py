@@ -37,10 +37,10 @@ def code_lines(path: str) -> list[str]:
 
 def job_commands(path: str) -> list[tuple[str, list[str]]]:
     """(module, argv, line) of every job command: python jobs/X.py, sh jobs/run X, python serve/app.py,
-    serve run serve.app:app_builder (also after `ray job submit ... --`). Optional parts written as
+    serve run serve.app:app_builder (also after `ray job submit ... --`, and each side of `&&`). Optional parts written as
     `[key=value ...]` and `<placeholders>` are left out."""
     found = []
-    for line in code_lines(path):
+    for line in (part.strip() for whole in code_lines(path) for part in whole.split(" && ")):
         if not line.startswith(("python", "sh ", "serve ", "ray job submit")):
             continue
         tokens = shlex.split(line)

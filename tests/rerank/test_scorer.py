@@ -77,16 +77,21 @@ def test_free_generation_metrics_by_hand():
 
 
 @pytest.mark.ray
-def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir):
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir, engine):
+    """Scored by Ray Data actors on either engine, the logits are those of the transformers scorer in-process."""
     from recalign.data.dataset import Dataset
 
-    cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2)
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    cfg = rerank.RerankConfig(batch_size=2, max_new_tokens=2, engine=engine, vllm_kv_cache_gb=0.25,
+                              vllm_max_model_len=1024)
     loader = functools.partial(load_policy, str(tiny_llama_dir))
     _, tok = loader()
     texts = rerank.build_prompts(Dataset(ml100k_dir), "test", np.arange(5), tok, PROMPT)
     logits, answers = rerank.score_rows_with_ray(dict(enumerate(texts)), loader, 20, cfg)
     assert sorted(logits) == [0, 1, 2, 3, 4] and all(v.shape == (20,) for v in logits.values())
-    direct = rerank.LetterScorer(loader, 20, cfg)({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})
+    direct = rerank.LetterScorer(loader, 20, rerank.RerankConfig(batch_size=2))({"row": np.arange(5), "prompt": np.array(texts, dtype=object)})
     np.testing.assert_allclose(np.stack([logits[r] for r in range(5)]), direct["letter_logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -119,3 +124,18 @@ def test_passes_from_two_threads_each_get_their_own_logits(tiny_llama_dir, ml100
                 logits = future.result()[0]
                 assert logits.shape == (n, 20)
                 np.testing.assert_allclose(logits, alone[n], rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_enters_score_keys_only_when_it_is_vllm():
+    from recalign.config import to_dict
+
+    default = rerank.RerankConfig()
+    assert default.key() == {k: v for k, v in to_dict(default).items() if k != "engine" and not k.startswith("vllm_")}, \
+        "a run scored with transformers keeps the score keys it had before the vllm engine existed"
+    on_vllm = rerank.RerankConfig(engine="vllm")
+    assert on_vllm.key()["engine"] == "vllm" and on_vllm.key() != default.key()
+    assert rerank.RerankConfig(engine="vllm", vllm_kv_cache_gb=4.0).key() == on_vllm.key(), "memory is not a result"
+    assert rerank.scorer_class(default) is rerank.LetterScorer
+    assert rerank.scorer_class(on_vllm) is rerank.VLLMLetterScorer
+    with pytest.raises(ValueError, match="engine must be one of transformers, vllm"):
+        rerank.RerankConfig(engine="tgi")

@@ -22,7 +22,7 @@ from recalign import io, metrics
 from recalign.align.config import AlignConfig, SweepConfig
 from recalign.errors import MissingInputError
 from recalign.llm.policy import load_policy
-from recalign.rerank.scorer import LetterScorer, RerankConfig
+from recalign.rerank.scorer import RerankConfig, scorer_class
 from recalign.runs import Log
 from recalign.tracking import RUN_TAG, MlflowTarget, trial_callback
 
@@ -73,7 +73,7 @@ def letter_ranker_metrics(model_path: str, adapter: str | None, prompts: list[st
                           num_candidates: int, rerank: RerankConfig) -> dict[str, float]:
     """Mean metrics of the letter re-ranker with `adapter` on the prompts, scored in-process."""
     cfg = dataclasses.replace(rerank, max_new_tokens=1)  # only the answer-position logits are needed
-    scorer = LetterScorer(functools.partial(load_policy, model_path, adapter, cfg.dtype), num_candidates, cfg)
+    scorer = scorer_class(cfg)(functools.partial(load_policy, model_path, adapter, cfg.dtype), num_candidates, cfg)
     out = scorer({"row": np.arange(len(prompts)), "prompt": np.array(prompts, dtype=object)})
     # A copy: arrays a Tune trial gets through the object store are read-only, and torch warns on those.
     values = metrics.compute(out["letter_logits"], np.array(target_index), ("ndcg@10", "hr@1", "mrr"))

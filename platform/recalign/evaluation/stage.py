@@ -230,7 +230,7 @@ def llm_system_keys(run: RunSpec, cfg: FinalEvalConfig, model_path: str, sub: np
     if llm_policies:
         prompt = run_rerank_prompt(run, cfg)
         for policy in llm_policies:
-            keys[policy.name] = fingerprint([llm_key, policy.key, to_dict(cfg.rerank), to_dict(policy.prompt or prompt),
+            keys[policy.name] = fingerprint([llm_key, policy.key, cfg.rerank.key(), to_dict(policy.prompt or prompt),
                                              LLM_CACHE_FORMAT])
     if knowledge_policies is not None:
         ka_key = fingerprint([base_key, input_key(run.dir("reward_model"))])

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
 from recalign import prompts
-from recalign.config import option
+from recalign.config import option, to_dict
 from recalign.data.dataset import Dataset
+
+ENGINES = ("transformers", "vllm")
 
 
 @dataclass
@@ -36,6 +38,29 @@ class RerankConfig:
     num_actors: int = option(1, "Ray Data scorer actors")
     cpus_per_actor: float = option(1.0, "Ray CPUs per scorer actor")
     num_gpus: float = option(0.0, "Ray GPUs per scorer actor; an actor that holds one scores on it")
+    engine: Literal["transformers", "vllm"] = option(
+        "transformers", "transformers: one torch forward pass per chunk, the letter logits in float32 from the "
+                        "answer position's hidden state; vllm: a vLLM engine per scorer actor on the merged policy, "
+                        "collaborative tokens fed as prompt embeddings (enable_prompt_embeds), the letters' logits "
+                        "read from its processed logits; both give the same logits (tests/rerank/test_vllm_scorer.py)")
+    vllm_kv_cache_gb: float = option(0.5, "engine=vllm on CPU: KV cache in GiB")
+    vllm_gpu_memory_utilization: float = option(0.5, "engine=vllm on GPU: share of GPU memory for weights + KV cache")
+    vllm_max_model_len: int = option(2048, "engine=vllm: prompt + answer tokens per sequence")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+    def key(self) -> dict[str, Any]:
+        """What fingerprints of scores made with this config hash: the vLLM engine's memory knobs never (they do
+        not change a score), `engine` only when it is vllm (so the keys of runs scored with transformers stay
+        the ones they had before the vllm engine existed)."""
+        values = to_dict(self)
+        for name in ("vllm_kv_cache_gb", "vllm_gpu_memory_utilization", "vllm_max_model_len"):
+            values.pop(name)
+        if self.engine == "transformers":
+            values.pop("engine")
+        return values
 
 
 def letter_token_ids(tokenizer, num_candidates: int) -> list[int]:
@@ -79,6 +104,9 @@ class LetterScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.letter_ids = letter_token_ids(self.tokenizer, num_candidates)
         self.cfg = cfg
+        from recalign.llm.collab import CollabLM
+
+        self.has_projector = isinstance(self.model, CollabLM)
         # One pass at a time: the answer position is captured by a hook on the shared LM head, so two passes in
         # two threads (a Serve batch and a health check) would each read the other's hidden states.
         self.lock = threading.Lock()
@@ -106,8 +134,7 @@ class LetterScorer:
 
         enc = encode_prompts(self.tokenizer, texts, self.device)
         if bool((enc["input_ids"] < 0).any()) and not isinstance(self.model, CollabLM):
-            raise ValueError("the prompts hold collaborative item tokens (<item:N>) but this policy has no "
-                             "projector (collab.safetensors beside its adapter): prompt it with item_tokens=none")
+            raise ValueError(NO_PROJECTOR)
         head = self.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
         # The answer position's final hidden state, as the prefill feeds it to the LM head. The letter
@@ -135,6 +162,81 @@ class LetterScorer:
         return letter_logits, answers
 
 
+class VLLMLetterScorer(LetterScorer):
+    """LetterScorer on a vLLM engine (`RerankConfig.engine=vllm`): the same batches in, the same columns out.
+
+    vLLM loads weights from a folder, so the loader's merged policy is written to a node-local temporary one
+    for the actor's life. A prompt with collaborative tokens goes in as prompt embeddings (the CollabLM's
+    token embeddings with the projected items in place; vLLM's `enable_prompt_embeds`), one without as token
+    ids. Each prompt is one request for a single token restricted to the letters, whose processed logits are
+    the letters' raw logits, and one greedy request for the free-generation answer."""
+
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], num_candidates: int, cfg: RerankConfig):
+        import tempfile
+
+        import torch
+        from vllm import SamplingParams
+
+        from recalign.llm.collab import CollabLM
+        from recalign.sampling.engines import EngineConfig, VLLMEngine
+
+        model, self.tokenizer = loader()
+        self.letter_ids = letter_token_ids(self.tokenizer, num_candidates)
+        self.cfg = cfg
+        self.collab = model if isinstance(model, CollabLM) else None
+        self.has_projector = self.collab is not None
+        self.dtype = getattr(torch, cfg.dtype)
+        self.weights = tempfile.TemporaryDirectory(prefix="recalign-scorer-")
+        (self.collab.model if self.collab is not None else model).save_pretrained(self.weights.name)
+        self.tokenizer.save_pretrained(self.weights.name)
+        del model
+        engine = EngineConfig(engine="vllm", dtype=cfg.dtype, threads=cfg.threads, enforce_eager=True,
+                              max_model_len=cfg.vllm_max_model_len, kv_cache_gb=cfg.vllm_kv_cache_gb,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        self.engine = VLLMEngine(self.weights.name, seed=0, cfg=engine, llm_kwargs={
+            "enable_prompt_embeds": True, "logprobs_mode": "processed_logits", "max_logprobs": len(self.letter_ids)})
+        self.score_params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=self.letter_ids,
+                                           logprobs=len(self.letter_ids))
+        self.answer_params = SamplingParams(max_tokens=max(cfg.max_new_tokens, 1), temperature=0.0)
+        self.lock = threading.Lock()
+
+    def _request(self, text: str) -> dict[str, Any]:
+        import torch
+
+        from recalign.llm.collab import encode_prompt
+
+        ids = encode_prompt(self.tokenizer, text)
+        if min(ids) >= 0:
+            return {"prompt_token_ids": ids}
+        if self.collab is None:
+            raise ValueError(NO_PROJECTOR)
+        with torch.no_grad():
+            return {"prompt_embeds": self.collab.embed(torch.tensor([ids]))[0].to(self.dtype).cpu()}
+
+    def _score_locked(self, texts: list[str], generate: bool) -> tuple[np.ndarray, list[str]]:
+        requests = [self._request(t) for t in texts]
+        params = [self.score_params] * len(texts) + ([self.answer_params] * len(texts) if generate else [])
+        outputs = self.engine.llm.generate(requests + (requests if generate else []), params, use_tqdm=False)
+        logits = np.empty((len(texts), len(self.letter_ids)), dtype=np.float32)
+        for row, out in enumerate(outputs[:len(texts)]):
+            top = out.outputs[0].logprobs[0]
+            missing = [t for t in self.letter_ids if t not in top]
+            if missing:
+                raise RuntimeError(f"vLLM returned logits for {len(top)} of the {len(self.letter_ids)} letters")
+            logits[row] = [top[t].logprob for t in self.letter_ids]
+        answers = [out.outputs[0].text for out in outputs[len(texts):]] if generate else [""] * len(texts)
+        return logits, answers
+
+
+NO_PROJECTOR = ("the prompts hold collaborative item tokens (<item:N>) but this policy has no projector "
+                "(collab.safetensors beside its adapter): prompt it with item_tokens=none")
+
+
+def scorer_class(cfg: RerankConfig) -> type[LetterScorer]:
+    """The letter scorer `cfg.engine` names."""
+    return VLLMLetterScorer if cfg.engine == "vllm" else LetterScorer
+
+
 def free_generation_metrics(answers: list[str], target_index: np.ndarray, num_candidates: int) -> dict[str, float]:
     """ValidRatio and HR@1 over all rows and over valid rows (LLaRA divides by valid rows only)."""
     parsed = [prompts.parse_letter(a, num_candidates) for a in answers]
@@ -155,7 +257,7 @@ def score_rows_with_ray(prompts_by_row: dict[int, str], loader: Callable[[], tup
     rows = sorted(prompts_by_row)
     ds = ray.data.from_items([{"row": r, "prompt": prompts_by_row[r]} for r in rows])
     scored = ds.map_batches(
-        LetterScorer, fn_constructor_kwargs={"loader": loader, "num_candidates": num_candidates, "cfg": cfg},
+        scorer_class(cfg), fn_constructor_kwargs={"loader": loader, "num_candidates": num_candidates, "cfg": cfg},
         batch_size=max(cfg.batch_size, 1) * 4, compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus, batch_format="numpy")
     logits, answers = {}, {}

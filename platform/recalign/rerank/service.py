@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 
 from recalign import prompts
-from recalign.llm.collab import CollabLM, prompt_for
+from recalign.llm.collab import prompt_for
 from recalign.rerank.fusion import fuse
 from recalign.rerank.api import ApiError, ApiLimits, RerankRequest, parse_request, short
-from recalign.rerank.scorer import LetterScorer, RerankConfig
+from recalign.rerank.scorer import RerankConfig, scorer_class
 
 
 @dataclass
@@ -61,10 +61,10 @@ class RerankService:
         self.limits = limits or ApiLimits()
         self.sasrec, self.history_len, self.fusion_weight = sasrec, history_len, fusion_weight
         self.kind = "fusion" if fusion_weight is not None else "llm" if loader is not None else "sasrec"
-        self.scorer = LetterScorer(loader, len(prompts.LETTERS), cfg) if loader is not None else None
+        self.scorer = scorer_class(cfg)(loader, len(prompts.LETTERS), cfg) if loader is not None else None
         self.tokenizer = self.scorer.tokenizer if self.scorer is not None else None
         if self.scorer is not None:
-            self.prompt_cfg = prompt_for(prompt, isinstance(self.scorer.model, CollabLM))
+            self.prompt_cfg = prompt_for(prompt, self.scorer.has_projector)
 
     def parse(self, request: Any) -> ParsedRequest:
         """A JSON value (or a validated RerankRequest) -> item indices; ApiError (4xx) naming the field."""

