@@ -1,5 +1,7 @@
 """The torch-only parts on CUDA in bfloat16, against float32 on the CPU: packed log-probs, the listwise SFT loss
-and its gradients into LoRA, and letter scoring. Skipped where no GPU is present (this repo's CI has none)."""
+and its gradients into LoRA, letter scoring, and the projector of collaborative tokens forward and backward.
+Skipped where no GPU is present (this repo's CI has none); benchmarks/bench_cuda.py reports the same agreement
+at SmolLM2-135M's shape."""
 
 import numpy as np
 import pytest
@@ -60,3 +62,41 @@ def test_letter_scoring_on_cuda_matches_the_cpu(tiny_llama_dir):
     assert gpu.device.type == "cuda"
     on_gpu = gpu({"row": np.arange(2), "prompt": prompts_}, generate=False)["letter_logits"]
     assert np.allclose(on_gpu, on_cpu, atol=0.1)
+
+
+def test_projector_forward_and_backward_on_cuda_bf16_match_the_cpu(tiny_llama_dir):
+    """An ID-only prompt through CollabLM: the soft tokens, the packed log-probs of the letters and the listwise
+    loss's gradients into the projector and the LoRA weights, bf16 on CUDA against float32 on the CPU."""
+    from recalign.align.logprobs import encode_example, packed_logps
+    from recalign.llm.collab import CollabLM
+    from recalign.prompts import item_marker
+    from transformers import AutoTokenizer
+
+    from tests.helpers.collab import lora_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    table = torch.randn(41, 8, generator=torch.Generator().manual_seed(3)) * 0.3
+    prompts = [f"<|im_start|>user\n1. {item_marker(2)}\nA. {item_marker(5)}\nB. {item_marker(9)}\n"
+               f"C. {item_marker(30)}<|im_end|>\n<|im_start|>assistant\n",
+               f"<|im_start|>user\nA. {item_marker(12)}\nB. {item_marker(4)}\nC. {item_marker(7)}<|im_end|>\n"
+               "<|im_start|>assistant\n"]
+    batch = collate([encode_example(tokenizer, p, ["A", "B", "C"], 256, 4, add_eos=False) for p in prompts],
+                    tokenizer.pad_token_id)
+    results = {}
+    for device, dtype in [("cpu", torch.float32), ("cuda", torch.bfloat16)]:
+        model = CollabLM.fresh(lora_model(tiny_llama_dir, seed=1), table, seed=0).to(device=device, dtype=dtype)
+        soft = model.projector(model.item_table[[5, 9, 30]].to(dtype))
+        logps = packed_logps(model, **batch.to(device).tensors())
+        losses, _ = listwise_loss(logps, batch.present().to(device))
+        losses.mean().backward()
+        projector = torch.cat([p.grad.float().flatten().cpu() for p in model.projector.parameters()])
+        lora = torch.cat([p.grad.float().flatten().cpu() for n, p in model.named_parameters() if "lora_" in n])
+        assert projector.abs().sum() > 0 and lora.abs().sum() > 0, f"{device}: gradients reach both"
+        results[device] = [t.detach().float().cpu() for t in (soft, logps, losses)] + [projector, lora]
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert torch.allclose(cuda[0], cpu[0], atol=0.02, rtol=0.02), "soft tokens"
+    assert torch.allclose(cuda[1], cpu[1], atol=0.25, rtol=0.02), "letter log-probs"
+    assert torch.allclose(cuda[2], cpu[2], atol=0.1), "listwise losses"
+    for name, g_cuda, g_cpu in [("projector", cuda[3], cpu[3]), ("lora", cuda[4], cpu[4])]:
+        cosine = torch.nn.functional.cosine_similarity(g_cuda, g_cpu, dim=0)
+        assert cosine > 0.98, f"{name} gradient direction in bf16: cosine {cosine:.4f}"
