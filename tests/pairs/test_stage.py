@@ -10,12 +10,17 @@ from recalign.pairs.stage import SFT_SET, pairs_stage, sft_pairs
 from tests.helpers.data import tiny_run
 
 
-def test_pairs_stage_writes_the_sft_set_and_the_sft_policy_reads_it(tmp_path, tiny_llama_dir):
+def test_pairs_stage_writes_the_sft_set_and_the_sft_policy_reads_it(tmp_path, tiny_llama_dir, monkeypatch):
+    from recalign.data.dataset import Dataset
+    from recalign.pairs import stage
+
+    loads = []
+    monkeypatch.setattr(stage, "_tokenizer", lambda path, load=stage._tokenizer: loads.append(path) or load(path))
     run = tiny_run(tmp_path)
     cfg = PairsConfig(paths=["rerank"], negatives="random", model=str(tiny_llama_dir),
                       windows=WindowsConfig(per_user=3))
     summary = pairs_stage(run, cfg, log=lambda _: None)
-    from recalign.data.dataset import Dataset
+    assert len(loads) == 1, "one tokenizer for the re-rank pairs and the SFT set"
 
     lengths = [len(s) for s in Dataset(run.dir("data")).train_sequences()]
     assert summary["rerank_sft"]["kept"] == sum(min(3, n - 3) for n in lengths)  # targets after >= 3 items

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 
@@ -37,11 +39,12 @@ def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = 
 
     def build() -> dict:
         summary: dict = {"num_negatives": cfg.num_negatives, "margin": cfg.margin}
+        inputs = _RerankInputs(run, model_path)
         for path in PATHS:
             if path not in cfg.paths:
                 io.delete(io.join(out_dir, f"{path}.parquet"))  # never leave a stale set beside fresh ones
                 continue
-            table, counts = _build_path(run, cfg, path, model_path)
+            table, counts = _build_path(run, cfg, path, inputs)
             validate_pairs(table, f"pairs/{path}", cfg.margin if path == "knowledge" else None)
             io.write_parquet(table, io.join(out_dir, f"{path}.parquet"))
             summary[path] = counts
@@ -51,7 +54,7 @@ def pairs_stage(run: RunSpec, cfg: PairsConfig, log: Log = print, force: bool = 
                    else f"({cfg.negatives} negatives)"))
         sft_set = io.join(out_dir, SFT_SET)
         if "rerank" in cfg.paths and cfg.windows.per_user != 0:
-            table, counts = window_pairs(Dataset(run.dir("data")), _tokenizer(model_path), cfg)
+            table, counts = window_pairs(inputs.data, inputs.tokenizer, cfg)
             validate_pairs(table, f"pairs/{SFT_SET}")
             io.write_parquet(table, sft_set)
             summary["rerank_sft"] = counts
@@ -94,15 +97,30 @@ def rerank_prompt(run: RunSpec) -> PromptConfig:
     return PromptConfig(**io.read_json(uri)["prompt"])
 
 
-def _build_path(run: RunSpec, cfg: PairsConfig, path: str, model_path: str) -> tuple[pa.Table, dict]:
+class _RerankInputs:
+    """The dataset and the policy's tokenizer, each loaded once for the re-rank pairs and the SFT set."""
+
+    def __init__(self, run: RunSpec, model_path: str):
+        self.run, self.model_path = run, model_path
+
+    @functools.cached_property
+    def data(self) -> Dataset:
+        return Dataset(self.run.dir("data"))
+
+    @functools.cached_property
+    def tokenizer(self):
+        return _tokenizer(self.model_path)
+
+
+def _build_path(run: RunSpec, cfg: PairsConfig, path: str, inputs: _RerankInputs) -> tuple[pa.Table, dict]:
     if path == "knowledge":
         rewards = io.read_parquet(run.dir("rewards", "rewards.parquet"))
         return knowledge_pairs(load_samples(run.dir("samples"), PAIRS_SPLIT), rewards, cfg)
     from recalign.recsys.train import load_model, score_split
 
-    data = Dataset(run.dir("data"))
+    data = inputs.data
     scores = None
     if cfg.negatives == "hard":
         split = data.split(PAIRS_SPLIT)
         scores = score_split(load_model(run.dir("baselines", "sasrec")), split.history, split.candidates)
-    return rerank_pairs(data, _tokenizer(model_path), cfg, np.asarray(scores) if scores is not None else None)
+    return rerank_pairs(data, inputs.tokenizer, cfg, np.asarray(scores) if scores is not None else None)
