@@ -44,9 +44,15 @@ def test_sweep_name_is_what_the_trials_learn_not_how_they_run(tmp_path):
     assert sweep.sweep_name(dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, betas=[0.5])), "model", "",
                             "pairs") != name
     before = {k: v for k, v in to_dict(cfg.sweep).items() if k not in ("max_concurrent", "max_failures")}
+    # The re-rank fields as they were before rerank.engine and its vLLM knobs existed.
+    rerank_before = {k: v for k, v in to_dict(cfg.rerank).items() if k != "engine" and not k.startswith("vllm_")}
     assert name == "sweep-" + fingerprint({"sweep": before, "align": learning_key(cfg.align), "init": "",
-                                           "rerank": to_dict(cfg.rerank), "prompt": to_dict(rerank_prompt(cfg.run)),
+                                           "rerank": rerank_before, "prompt": to_dict(rerank_prompt(cfg.run)),
                                            "model": "model", "pairs": "pairs"})
+    on_vllm = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, engine="vllm"))
+    assert sweep.sweep_name(on_vllm, "model", "", "pairs") != name, "another engine scores the trials"
+    more_cache = dataclasses.replace(on_vllm, rerank=dataclasses.replace(on_vllm.rerank, vllm_kv_cache_gb=4.0))
+    assert sweep.sweep_name(more_cache, "model", "", "pairs") == sweep.sweep_name(on_vllm, "model", "", "pairs")
 
 
 def _trials_done(storage_dir, rungs: int) -> set[str]:
