@@ -64,9 +64,9 @@ def test_mlflow_goes_to_a_file_store_in_the_run_unless_the_config_says_otherwise
 
 def _only_run(tracking_uri: str, experiment: str):
     """(client, the experiment's one MLflow run)."""
-    from mlflow import MlflowClient
+    from recalign.tracking import connect
 
-    client = MlflowClient(tracking_uri)
+    client = connect(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return client, run
 
@@ -74,10 +74,7 @@ def _only_run(tracking_uri: str, experiment: str):
 @pytest.mark.ray
 def test_policy_stage_logs_the_policy_to_mlflow_where_tracking_says(ray_local, tiny_llama_dir, pairs_uris, tmp_path):
     """A policy is one MLflow run in the run's file store: the align config as params, each step's loss (logged at
-    the checkpoints after steps 2 and 3), the adapter and metrics.json. An up-to-date re-run logs nothing, nor does
-    a forced retrain with MLflow off; another tracking URI gets the next policy, and the run's store does not."""
-    import dataclasses
-
+    the checkpoints after steps 2 and 3), the adapter and metrics.json."""
     from recalign.align.stage import policy_stage
     from recalign.runs import RunSpec
     from recalign.tracking import TrackingConfig, mlflow_target
@@ -105,6 +102,25 @@ def test_policy_stage_logs_the_policy_to_mlflow_where_tracking_says(ray_local, t
     assert open(f"{downloaded}/adapter_model.safetensors", "rb").read() == open(
         f"{out_dir}/adapter_model.safetensors", "rb").read(), "the logged adapter is the published one"
 
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_policy_stage_logs_nothing_when_skipped_or_off_and_follows_another_tracking_uri(ray_local, tiny_llama_dir,
+                                                                                          pairs_uris, tmp_path):
+    """An up-to-date re-run logs nothing, nor does a forced retrain with MLflow off; another tracking URI gets the
+    next policy, and the run's store does not."""
+    import dataclasses
+
+    from recalign.align.stage import policy_stage
+    from recalign.runs import RunSpec
+    from recalign.tracking import TrackingConfig, mlflow_target
+    from tests.helpers.align import SMALL_ALIGN
+
+    run = RunSpec(name="t", root=str(tmp_path / "runs"))
+    cfg = AlignConfig(loss_type="sdpo", num_negatives=3, max_steps=3, save_steps=2, **SMALL_ALIGN)
+    target = mlflow_target(TrackingConfig(), run)
+    policy_stage(run, cfg, str(tiny_llama_dir), pairs_uris, tracking=target)
+    logged = _only_run(target.tracking_uri, "t")[1]
     policy_stage(run, cfg, str(tiny_llama_dir), pairs_uris, tracking=target)  # up to date: skipped
     policy_stage(run, cfg, str(tiny_llama_dir), pairs_uris, force=True,
                  tracking=mlflow_target(TrackingConfig(mlflow=False), run))

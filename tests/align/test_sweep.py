@@ -122,14 +122,15 @@ def _spec(inputs: dict, model_dir, root, hooks=()) -> TrialSpec:
 
 def _trial_runs(tracking: MlflowTarget) -> tuple:
     """(client, the sweep's MLflow runs by their loss_type param: each trial has its own loss type here)."""
-    from mlflow import MlflowClient
+    from recalign.tracking import connect
 
-    client = MlflowClient(tracking.tracking_uri)
+    client = connect(tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(tracking.experiment).experiment_id])
     return client, {r.data.params["loss_type"]: r for r in runs}, len(runs)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_trial_sweep_reports_every_rung_and_writes_the_best(ray_local, tiny_llama_dir, sweep_inputs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

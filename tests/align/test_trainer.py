@@ -86,7 +86,7 @@ def test_ddp_gradients_synchronise_across_workers(ray_local, tiny_llama_dir, pai
 
 def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray_local, tiny_llama_dir, pairs_uris,
                                                                              tmp_path):
-    from mlflow import MlflowClient
+    from recalign.tracking import connect
     from peft import PeftModel
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -143,7 +143,7 @@ def test_two_workers_resume_after_a_killed_worker_and_publish_a_peft_adapter(ray
     # One MLflow run across the restart, each step logged once as in TensorBoard: rank 0 logs at checkpoints, so
     # the crashed attempt's step 3 is not there. (Resumed from step 1's checkpoint, step 2 is there twice: the
     # crashed attempt had logged it at its own step-2 checkpoint.)
-    client = MlflowClient(tracking.tracking_uri)
+    client = connect(tracking.tracking_uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert logged.info.status == "FINISHED" and logged.info.run_name == "align-resume"
     assert logged.data.params["num_negatives"] == "3" and logged.data.params["sft_max_steps"] == "1"

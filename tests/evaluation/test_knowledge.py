@@ -57,6 +57,7 @@ def test_every_policy_answers_every_prompt_in_one_pass(ray_local, fakes_by_value
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_merged_mode_answers_like_the_adapters(ray_local, ml100k_dir, tiny_llama_dir, tiny_adapters):
     """One pass per policy on merged weights (the CPU setting) gives the same greedy answers as one
     pass in which a single engine serves every adapter."""

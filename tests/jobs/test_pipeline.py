@@ -48,8 +48,8 @@ FAST = ["policies.loss_types=[sdpo]", "sample.engine.engine=hf", "compare.plain_
         "sasrec_train.epochs=2", "ka_train.epochs=2", "eval.llm_users=8", "sample.num_users=8"]
 
 
-@pytest.mark.ray
-def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_local, tmp_path, capsys):
+def _smoke_run(tmp_path, capsys) -> tuple[list[str], object]:
+    """Every stage of the smoke preset from an empty run dir, checked; returns the pipeline's args and the run."""
     root = tmp_path / "runs"
     args = ["preset=smoke", f"run.root={root}", f"models_dir={tmp_path / 'models'}", *FAST]
     fresh = pipeline.main(args + ["dry_run=true"])["plan"]
@@ -99,14 +99,30 @@ def test_pipeline_runs_every_stage_and_a_rerun_redoes_only_what_changed(ray_loca
     compared = {(c["system"], c["baseline"]) for c in result["comparisons"]}
     assert {("llm sft", "llm zero-shot"), ("llm sft+sdpo", "llm sft"),
             ("ka-sasrec + sdpo knowledge", "ka-sasrec + base knowledge")} <= compared
+    return args, run
 
-    # Same config again, but a new beta for the re-rank preference policy: only it and its evaluation rerun.
+
+def _plan_new_beta(args) -> None:
+    """The same config, but a new beta for the re-rank preference policy: only it and its evaluation are planned."""
     planned = {stage: (verdict, why) for stage, verdict, why in
                pipeline.main(args + ["policies.rerank.beta=0.5", "dry_run=true"])["plan"]}
     assert all(planned[s][0] == "skip (up to date)" for s in pipeline.STAGES[:-2]), planned
     assert planned["align"][0] == "run" and planned["align"][1].startswith("policy/rerank/sft+sdpo: config or inputs "
                                                                           "changed"), planned["align"]
     assert planned["evaluate"][0] == "run"
+
+
+@pytest.mark.ray
+def test_pipeline_runs_every_stage_and_plans_a_rerun_of_only_what_changed(ray_local, tmp_path, capsys):
+    args, _ = _smoke_run(tmp_path, capsys)
+    _plan_new_beta(args)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_rerun_of_the_pipeline_redoes_only_what_changed(ray_local, tmp_path, capsys):
+    args, run = _smoke_run(tmp_path, capsys)
+    _plan_new_beta(args)
     pipeline.main(args + ["policies.rerank.beta=0.5"])
     out = capsys.readouterr().out
     for name in ("data", "sasrec", "sample", "embeddings", "reward_model", "rewards", "pairs", "policy/rerank/sft",

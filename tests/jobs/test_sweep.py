@@ -170,9 +170,9 @@ def test_sweep_job_killed_mid_sweep_continues_when_run_again(ml100k_dir, tiny_ll
         assert trained["steps"] == 4 and trained["starts"][0] == 0
     # MLflow by default: a file store in the run, one run per trial; the trial the killed driver left running
     # went on in its own run when the sweep was restored.
-    from mlflow import MlflowClient
+    from recalign.tracking import connect
 
-    client = MlflowClient(f"file:{run_dir / 'mlflow'}")
+    client = connect(f"file:{run_dir / 'mlflow'}")  # the sweep ran in another process: this one allows the store
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     for logged in runs:

@@ -54,6 +54,7 @@ def _changed(before: KASASRec, after: KASASRec) -> dict[str, bool]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ka_training_with_two_workers_changes_every_parameter_and_resumes(tiny_spec):
     spec, root, data = tiny_spec
     storage = str(root / "ray")

@@ -77,7 +77,7 @@ def test_free_generation_metrics_by_hand():
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_score_rows_on_ray_data(ray_local, tiny_llama_dir, ml100k_dir, engine):
     """Scored by Ray Data actors on either engine, the logits are those of the transformers scorer in-process."""
     from recalign.data.dataset import Dataset

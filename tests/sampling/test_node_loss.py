@@ -15,6 +15,7 @@ from tests.helpers.fakes import FakeEngine
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.slow
 def test_a_node_lost_under_an_actor_still_gives_exactly_n_rows_per_user(tiny_data_dir, tiny_llama_dir, tmp_path):
     """tests/helpers/cluster.py `sample`: 24 users in batches of 2 over 2 sampler actors on 2 nodes; the worker
     node of one is killed inside its first batch. Until the head declares the node dead (~15 s) every retry of

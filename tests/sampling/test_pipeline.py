@@ -77,6 +77,7 @@ def test_pipeline_resumes_and_extends_without_duplicates(ray_local, tiny_llama_d
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_one_actor_and_two_write_identical_samples(ray_local, tiny_llama_dir, ml100k_dir, tmp_path, fakes_by_value):
     """Which actor draws a batch, and after which others, changes nothing: every batch is reseeded."""
     factory = functools.partial(fakes.fake_engine, noisy=True)

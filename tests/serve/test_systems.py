@@ -159,6 +159,7 @@ def test_a_new_user_config_reloads_the_systems_in_place(endpoint, tiny_llama_dir
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced_while_clients_retry(endpoint, tiny_llama_dir, ml100k_dir):
     """Two replicas; one is killed while four clients send requests and retry on a 5xx or a dropped connection.
     Every request is answered with the ranking it gets from a healthy deployment, and Serve starts a new replica
