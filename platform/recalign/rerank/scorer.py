@@ -130,10 +130,10 @@ class LetterScorer:
     def _score_locked(self, texts: list[str], generate: bool) -> tuple[np.ndarray, list[str]]:
         import torch
 
-        from recalign.llm.collab import CollabLM, encode_prompts
+        from recalign.llm.collab import encode_prompts
 
         enc = encode_prompts(self.tokenizer, texts, self.device)
-        if bool((enc["input_ids"] < 0).any()) and not isinstance(self.model, CollabLM):
+        if bool((enc["input_ids"] < 0).any()) and not self.has_projector:
             raise ValueError(NO_PROJECTOR)
         head = self.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
